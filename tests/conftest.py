@@ -1,0 +1,19 @@
+"""Shared test set-up: a quiet, offline W&B confined to a temp dir, deterministic torch."""
+
+import os
+import tempfile
+
+import pytest
+import torch
+
+_WANDB_TMP = tempfile.mkdtemp(prefix="oneshot-wandb-")
+for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR"):
+    os.environ.setdefault(var, _WANDB_TMP)
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

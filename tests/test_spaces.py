@@ -1,0 +1,149 @@
+"""Supernets and discrete networks of both spaces."""
+
+import re
+
+import pytest
+import torch
+
+from oneshot import genotypes as G
+from oneshot.genotypes import GenotypeError
+from oneshot.spaces import DartsNetwork, DartsSupernet, NB201Network, build_network, get_space, nb201_network
+from oneshot.spaces.darts import cell_edges
+
+SHAPES = [(1, 28), (3, 32)]
+
+
+def small_supernet(space, in_channels=3, image_size=32, **kw):
+    if space == "nb201":
+        return NB201Network(C=4, N=1, in_channels=in_channels, image_size=image_size, **kw)
+    return DartsSupernet(C=4, layers=3, in_channels=in_channels, image_size=image_size, **kw)
+
+
+@pytest.mark.parametrize("space", ["nb201", "darts"])
+def test_parameter_split_is_disjoint_and_complete(space):
+    net = small_supernet(space)
+    arch, weights = net.arch_parameters(), net.weight_parameters()
+    ids_a, ids_w = {id(p) for p in arch}, {id(p) for p in weights}
+    assert arch and weights and not ids_a & ids_w
+    assert ids_a | ids_w == {id(p) for p in net.parameters()}
+    # Registered parameters: they are in the state dict, so checkpoints keep them.
+    assert all(any(k.startswith("alphas.") for k in net.state_dict()) for _ in arch)
+
+
+@pytest.mark.parametrize("space", ["nb201", "darts"])
+@pytest.mark.parametrize(("channels", "size"), SHAPES)
+def test_supernet_forward_backward(space, channels, size):
+    net = small_supernet(space, channels, size)
+    logits = net(torch.randn(2, channels, size, size))
+    assert logits.shape == (2, 10)
+    logits.sum().backward()
+    assert all(p.grad is not None for p in net.arch_parameters())
+
+
+@pytest.mark.parametrize(("channels", "size"), SHAPES)
+@pytest.mark.parametrize("genotype", [G.DARTS_V2, G.ENAS, G.NB201_RESNET])
+def test_discrete_network_forward_backward(genotype, channels, size):
+    kw = {"C": 8, "layers": 4} if isinstance(genotype, G.DartsGenotype) else {"C": 4, "N": 1}
+    net = build_network(genotype, in_channels=channels, image_size=size, num_classes=7, **kw).train()
+    out = net(torch.randn(2, channels, size, size))
+    logits = out[0] if isinstance(out, tuple) else out
+    assert logits.shape == (2, 7)
+    sum(o.sum() for o in (out if isinstance(out, tuple) else (out,))).backward()
+
+
+def test_darts_v2_has_the_published_parameter_count():
+    net = DartsNetwork(G.DARTS_V2, C=36, layers=20, num_classes=10)
+    n = sum(p.numel() for name, p in net.named_parameters() if "auxiliary" not in name)
+    assert n == pytest.approx(3.3e6, rel=0.03)  # paper: 3.3M; the DARTS code prints 3.349342M
+
+
+def test_enas_cell_has_five_nodes():
+    net = DartsNetwork(G.ENAS, C=8, layers=3, auxiliary=False)
+    assert [len(c.ops) for c in net.cells] == [10, 10, 10]
+    assert net.cells[1].multiplier == 3  # reduce_concat [2, 3, 6]
+
+
+def _copy_nb201(supernet, net):
+    state = supernet.state_dict()
+    mapped = {}
+    for key in net.state_dict():
+        m = re.match(r"(cells\.\d+\.edges\.(\d+)\.ops\.)0\.(.*)", key)
+        if m:
+            e = int(m.group(2))
+            op = net.candidates["cell"][e][0]
+            key_src = f"{m.group(1)}{supernet.candidates['cell'][e].index(op)}.{m.group(3)}"
+        else:
+            key_src = key
+        mapped[key] = state[key_src]
+    net.load_state_dict(mapped)
+
+
+@pytest.mark.parametrize("genotype", [G.NB201_RESNET, G.NB201_BEST_CIFAR10])
+def test_nb201_one_hot_supernet_equals_discrete_network(genotype):
+    supernet = NB201Network(C=4, N=2, affine=True)
+    net = nb201_network(genotype, C=4, N=2)
+    _copy_nb201(supernet, net)
+    x = torch.randn(4, 3, 16, 16)
+    one_hot = {"cell": [torch.nn.functional.one_hot(torch.tensor(i), 5).float() for i in supernet.weights_for(genotype)["cell"]]}
+    torch.testing.assert_close(supernet(x, one_hot), net(x))
+    torch.testing.assert_close(supernet(x, supernet.weights_for(genotype)), net(x))
+    assert net.genotype() == genotype
+
+
+def test_darts_one_hot_supernet_equals_evaluation_network():
+    # Pools carry an extra BN in the supernet, so use a pool-free genotype (where the space allows).
+    cell = G.DARTS_V2.normal
+    genotype = G.DartsGenotype(cell, (2, 3, 4, 5), cell, (2, 3, 4, 5))
+    supernet = DartsSupernet(C=4, layers=3)
+    net = DartsNetwork(genotype, C=4, layers=3, auxiliary=False)
+    index = {edge: e for e, edge in enumerate(cell_edges(4))}
+    state, mapped = supernet.state_dict(), {}
+    for key, value in net.state_dict().items():
+        m = re.match(r"cells\.(\d+)\.ops\.(\d+)\.(.*)", key)
+        if m:
+            i, k, rest = int(m.group(1)), int(m.group(2)), m.group(3)
+            t = "reduce" if supernet.cells[i].reduction else "normal"
+            op, j = (genotype.reduce if t == "reduce" else genotype.normal)[k]
+            e = index[(k // 2 + 2, j)]
+            key = f"cells.{i}.edges.{e}.ops.{supernet.candidates[t][e].index(op)}.{rest}"
+        # BN affine weights exist only in the evaluation net; at init they are the identity.
+        mapped_value = state.get(key, value)
+        mapped[m.group(0) if m else key] = mapped_value
+    net.load_state_dict(mapped)
+    x = torch.randn(2, 3, 16, 16)
+    weights = supernet.weights_for(genotype)
+    one_hot = {
+        t: [None if w is None else torch.nn.functional.one_hot(torch.tensor(w), 8).float() for w in ws]
+        for t, ws in weights.items()
+    }
+    torch.testing.assert_close(supernet(x, weights), net(x))
+    torch.testing.assert_close(supernet(x, one_hot), net(x))
+
+
+def test_weights_for_rejects_genotype_outside_space():
+    pruned = NB201Network(C=4, N=1, candidates={"cell": [("nor_conv_3x3", "skip_connect")] * 6})
+    with pytest.raises(GenotypeError, match="'none' on edge 2<-0.*nor_conv_3x3, skip_connect"):
+        pruned.weights_for(G.NB201_RESNET)
+    with pytest.raises(GenotypeError, match="not an NB201"):
+        pruned.weights_for(G.DARTS_V2)
+
+
+def test_pruned_supernet_has_alphas_only_for_survivors():
+    full = NB201Network(C=4, N=1)
+    pruned = NB201Network(C=4, N=1, candidates={"cell": [("nor_conv_3x3", "skip_connect")] * 6})
+    assert pruned.alphas["cell"].shape == (6, 2)
+    assert pruned.num_weight_parameters() < full.num_weight_parameters()
+
+
+def test_impossible_sizes_and_unknown_space():
+    with pytest.raises(ValueError, match="C=5"):
+        DartsSupernet(C=5)
+    with pytest.raises(ValueError, match="unknown space 'nb301'.*nb201, darts"):
+        get_space("nb301")
+
+
+def test_same_input_twice_is_a_mask_of_both_ops():
+    cell = ((("sep_conv_3x3", 0), ("skip_connect", 0)) + G.DARTS_V2.normal[2:])
+    g = G.DartsGenotype(cell, (2, 3, 4, 5), cell, (2, 3, 4, 5))
+    w = DartsSupernet(C=4, layers=3).weights_for(g)
+    assert w["normal"][0] == (4, 3) and w["normal"][1] is None
