@@ -1,0 +1,145 @@
+"""DARTS bilevel search (Liu, Simonyan, Yang, "DARTS: Differentiable Architecture Search", ICLR 2019).
+
+    min_alpha  L_val(w*(alpha), alpha)   s.t.   w*(alpha) = argmin_w L_train(w, alpha)
+
+Each step: an architecture step on a validation batch, then a weight step on a training batch.
+First order (``order=1``) takes grad_alpha L_val(w, alpha) at the current weights. Second order
+(``order=2``) differentiates through one virtual SGD step w' = w - xi * grad_w L_train(w, alpha):
+
+    grad_alpha L_val(w', alpha) - xi * grad^2_{alpha,w} L_train(w, alpha) . grad_w' L_val(w', alpha)
+
+with the Hessian-vector product by central finite differences (eq. 8 of the paper), epsilon =
+0.01 / ||grad_w' L_val||. Defaults are the paper's (CIFAR-10 search).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.optim.lr_scheduler import CosineAnnealingLR
+
+from lightning_modules.base import SearchModule, accuracy, all_reduce_mean
+
+
+def _set_(params, values):
+    with torch.no_grad():
+        for p, v in zip(params, values):
+            p.copy_(v)
+
+
+def unrolled_arch_gradient(model, arch_params, weight_params, train_batch, val_batch, xi, momentum=0.0,
+                           weight_decay=0.0, momentum_buffers=None, all_reduce=all_reduce_mean):  # fmt: skip
+    """The second-order DARTS hypergradient for ``arch_params``, and the validation loss at w'.
+
+    Weights are changed in place for the virtual step and the finite differences and restored
+    bit-exactly from a copy at the end. ``all_reduce`` averages every gradient taken here across
+    DDP ranks, so N processes with batch B/N follow the same path as one process with batch B.
+    """
+    (x_t, y_t), (x_v, y_v) = train_batch, val_batch
+    backup = [w.detach().clone() for w in weight_params]
+
+    # 1. Virtual step, exactly the weight optimiser's SGD update: w' = w - xi (m*buf + g + wd*w).
+    g_train = all_reduce(torch.autograd.grad(F.cross_entropy(model(x_t), y_t), weight_params))
+    with torch.no_grad():
+        for k, (w, g) in enumerate(zip(weight_params, g_train)):
+            step = g + weight_decay * w
+            if momentum and momentum_buffers is not None and momentum_buffers[k] is not None:
+                step = step + momentum * momentum_buffers[k]
+            w.sub_(xi * step)
+
+    # 2. grad_alpha L_val(w', alpha) and v = grad_w' L_val(w', alpha).
+    loss_val = F.cross_entropy(model(x_v), y_v)
+    grads = all_reduce(torch.autograd.grad(loss_val, list(arch_params) + list(weight_params)))
+    d_alpha, v = grads[: len(arch_params)], grads[len(arch_params) :]
+
+    # 3. Hessian-vector product grad^2_{alpha,w} L_train(w, alpha) . v by central differences
+    #    around the original w (not w'), as in the paper.
+    eps = 0.01 / torch.cat([t.reshape(-1) for t in v]).norm()
+    hvp_terms = []
+    for sign in (1.0, -1.0):
+        _set_(weight_params, [b + sign * eps * t for b, t in zip(backup, v)])
+        loss = F.cross_entropy(model(x_t), y_t)
+        hvp_terms.append(all_reduce(torch.autograd.grad(loss, arch_params)))
+    _set_(weight_params, backup)
+    hypergrad = [da - xi * (gp - gn) / (2 * eps) for da, gp, gn in zip(d_alpha, *hvp_terms)]
+    return hypergrad, loss_val.detach()
+
+
+class DartsSearch(SearchModule):
+    def __init__(
+        self,
+        supernet: torch.nn.Module,
+        w_optimizer: Callable = None,
+        a_optimizer: Callable = None,
+        order: int = 1,
+        w_lr_min: float = 0.001,
+        grad_clip: float = 5.0,
+        warmup_epochs: int = 0,
+    ):
+        super().__init__(supernet)
+        if order not in (1, 2):
+            raise ValueError(f"strategy.order must be 1 or 2, got {order!r}")
+        self.order, self.w_lr_min, self.grad_clip, self.warmup_epochs = order, w_lr_min, grad_clip, warmup_epochs
+        self.w_optimizer = w_optimizer or (lambda params: torch.optim.SGD(params, 0.025, 0.9, weight_decay=3e-4))
+        self.a_optimizer = a_optimizer or (
+            lambda params: torch.optim.Adam(params, 3e-4, betas=(0.5, 0.999), weight_decay=1e-3)
+        )
+
+    def configure_optimizers(self):
+        w_opt = self.w_optimizer(params=self.supernet.weight_parameters())
+        a_opt = self.a_optimizer(params=self.supernet.arch_parameters())
+        # Cosine over the whole search, stepped per epoch; T_max from the trainer as DARTS does.
+        epochs = max(1, self.trainer.max_epochs or 1) if self._trainer is not None else 1
+        return [w_opt, a_opt], [CosineAnnealingLR(w_opt, T_max=epochs, eta_min=self.w_lr_min)]
+
+    def arch_step(self, train_batch, val_batch, w_opt, a_opt):
+        a_opt.zero_grad()
+        if self.order == 1:
+            x_v, y_v = val_batch
+            loss_val = F.cross_entropy(self.supernet(x_v), y_v)
+            self.manual_backward(loss_val)  # DDP averages the alpha gradients here
+        else:
+            group = w_opt.param_groups[0]
+            weights = self.supernet.weight_parameters()
+            buffers = [w_opt.state.get(w, {}).get("momentum_buffer") for w in weights]
+            hypergrad, loss_val = unrolled_arch_gradient(
+                self.supernet, self.supernet.arch_parameters(), weights, train_batch, val_batch,
+                xi=group["lr"], momentum=group.get("momentum", 0.0), weight_decay=group.get("weight_decay", 0.0),
+                momentum_buffers=buffers,
+            )  # fmt: skip
+            for a, g in zip(self.supernet.arch_parameters(), hypergrad):
+                a.grad = g
+        self.check_finite(loss_val, "validation loss of the architecture step")
+        a_opt.step()
+        return loss_val
+
+    def training_step(self, batch, batch_idx):
+        w_opt, a_opt = self.optimizers()
+        train_batch, val_batch = batch["train"], batch["val"]
+
+        # 1. Architecture step on the validation batch (alphas frozen during warm-up).
+        if self.current_epoch >= self.warmup_epochs:
+            loss_val = self.arch_step(train_batch, val_batch, w_opt, a_opt)
+            self.log("search/arch_loss", loss_val, prog_bar=False)
+
+        # 2. Weight step on the training batch; gradients of the arch step are discarded.
+        x, y = train_batch
+        w_opt.zero_grad()
+        logits = self.supernet(x)
+        loss = F.cross_entropy(logits, y)
+        self.check_finite(loss, "training loss")
+        self.manual_backward(loss)
+        if self.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.supernet.weight_parameters(), self.grad_clip)
+        w_opt.step()
+        for a in self.supernet.arch_parameters():  # the weight backward also filled alpha grads
+            a.grad = None
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/acc", accuracy(logits, y), prog_bar=True)
+
+    def on_train_epoch_end(self):
+        self.lr_schedulers().step()
+        self.log("search/w_lr", self.optimizers()[0].param_groups[0]["lr"])
+        self.log_architecture()

@@ -1,0 +1,189 @@
+"""The pipeline behind ``oneshot-search`` and ``oneshot-retrain`` (and ``oneshot.search(cfg)`` /
+``oneshot.retrain(cfg)``): instantiate from the config, fit, derive, retrain, write the run
+directory. Each stage reads only files an earlier one wrote.
+
+Run directory::
+
+    config.yaml                 resolved config
+    checkpoints/last.ckpt ...   search checkpoints (resume with ckpt_path=last)
+    metrics.csv                 search metrics (+ wandb/ with logger=wandb)
+    genotype.txt, genotype.json the derived architecture
+    retrain/                    checkpoints, metrics.csv, network.pt, report.json of the retraining
+    report.json                 genotype, timings, test accuracy
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from lightning_modules.retrain import Retrain
+from lightning_modules.runs import atomic_write_json, atomic_write_text, make_loggers, make_trainer, resolve_run_dir
+from oneshot.data import RetrainDataModule, SearchDataModule
+from oneshot.genotypes import resolve as resolve_genotype
+from oneshot.spaces import build_network
+
+log = logging.getLogger("oneshot")
+
+
+def _data_kwargs(cfg_data: DictConfig, drop=(), **overrides) -> dict:
+    kwargs = OmegaConf.to_container(cfg_data, resolve=True)
+    for key in drop:
+        kwargs.pop(key, None)
+    kwargs.update({k: v for k, v in overrides.items() if v is not None})
+    return kwargs
+
+
+def build_supernet(cfg: DictConfig, info, candidates=None):
+    extra = {"candidates": candidates} if candidates is not None else {}
+    return instantiate(
+        cfg.space.supernet, num_classes=info.num_classes, in_channels=info.in_channels,
+        image_size=info.image_size, _convert_="all", **extra,
+    )  # fmt: skip
+
+
+def search(cfg: DictConfig) -> dict:
+    """Search, derive and (unless ``retrain.enabled=false``) retrain; returns the report."""
+    run_dir = resolve_run_dir(cfg)
+    pl.seed_everything(cfg.seed, workers=True)
+    datamodule = SearchDataModule(**_data_kwargs(cfg.data, seed=cfg.seed))
+    info = datamodule.info
+    candidates, warmstart_report = None, None
+    if cfg.get("warmstart") and cfg.warmstart.get("enabled"):
+        from lightning_modules.warmstart import run_warmstart
+
+        candidates, warmstart_report = run_warmstart(cfg, datamodule, run_dir)
+    supernet = build_supernet(cfg, info, candidates)
+    module = instantiate(cfg.strategy, supernet=supernet, _convert_="partial")
+    loggers = make_loggers(cfg, run_dir)
+    start = time.perf_counter()
+    try:
+        trainer = make_trainer(cfg.trainer, run_dir, loggers)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=_ckpt(cfg, run_dir))
+        search_seconds = time.perf_counter() - start
+        genotype = module.derive_genotype()
+        report = {
+            "genotype": str(genotype),
+            "space": genotype.space,
+            "strategy": type(module).__name__,
+            "search_seconds": round(search_seconds, 1),
+            "supernet_weight_parameters": supernet.num_weight_parameters(),
+            "genotypes_per_epoch": list(module.genotypes),
+            "warmstart": warmstart_report,
+        }
+        if trainer.is_global_zero:
+            atomic_write_text(run_dir / "genotype.txt", str(genotype) + "\n")
+            atomic_write_json(run_dir / "genotype.json", genotype.to_json())
+            atomic_write_json(run_dir / "report.json", report)
+        log.info("derived genotype: %s", genotype)
+        if cfg.retrain.enabled:
+            network_kwargs = OmegaConf.to_container(cfg.space.network, resolve=True)
+            report["retrain"] = retrain_genotype(genotype, cfg, run_dir / "retrain", network_kwargs, loggers)
+            if trainer.is_global_zero:
+                atomic_write_json(run_dir / "report.json", report)
+    finally:
+        _finish(loggers)
+    _print_summary(report, run_dir)
+    return report
+
+
+def retrain(cfg: DictConfig) -> dict:
+    """Retrain ``cfg.genotype`` (a file, a published name or a string) from scratch."""
+    run_dir = resolve_run_dir(cfg)
+    genotype = resolve_genotype(cfg.genotype)
+    loggers = make_loggers(cfg, run_dir)
+    try:
+        network_kwargs = OmegaConf.to_container(cfg.network, resolve=True)
+        report = {"genotype": str(genotype), "space": genotype.space}
+        report["retrain"] = retrain_genotype(genotype, cfg, run_dir, network_kwargs, loggers, _ckpt(cfg, run_dir))
+    finally:
+        _finish(loggers)
+    _print_summary(report, run_dir)
+    return report
+
+
+def retrain_genotype(genotype, cfg, out_dir: Path, network_kwargs: dict, loggers=None, ckpt_path=None) -> dict:
+    pl.seed_everything(cfg.seed, workers=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rcfg = cfg.retrain
+    datamodule = RetrainDataModule(
+        **_data_kwargs(cfg.data, drop=("split",), batch_size=rcfg.batch_size, seed=cfg.seed), cutout=rcfg.cutout
+    )
+    info = datamodule.info
+    network = build_network(
+        genotype, num_classes=info.num_classes, in_channels=info.in_channels, image_size=info.image_size,
+        **network_kwargs,
+    )  # fmt: skip
+    module = Retrain(
+        network, optimizer=instantiate(rcfg.optimizer), lr_min=rcfg.lr_min,
+        auxiliary_weight=rcfg.auxiliary_weight, drop_path_prob=rcfg.drop_path_prob,
+    )  # fmt: skip
+    trainer_cfg = OmegaConf.merge(cfg.trainer, rcfg.trainer)
+    retrain_loggers = make_loggers(cfg, out_dir, wandb_from=loggers)
+    trainer = make_trainer(trainer_cfg, out_dir, retrain_loggers, gradient_clip_val=rcfg.grad_clip or None)
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    seconds = time.perf_counter() - start
+    tested = trainer.test(module, datamodule=datamodule, verbose=False)
+    params = sum(p.numel() for n, p in network.named_parameters() if "auxiliary" not in n)
+    result = {
+        "test_acc": round(float(tested[0]["test/acc"]), 4) if tested else None,
+        "retrain_seconds": round(seconds, 1),
+        "parameters": params,
+        "network": network_kwargs,
+        "epochs": trainer.current_epoch,
+    }
+    if trainer.is_global_zero:
+        export = {"genotype": str(genotype), "network_kwargs": {**network_kwargs, "num_classes": info.num_classes,
+                  "in_channels": info.in_channels, "image_size": info.image_size}, "state_dict": network.state_dict()}  # fmt: skip
+        from lightning_modules.runs import atomic_save
+
+        atomic_save(export, out_dir / "network.pt")
+        atomic_write_json(out_dir / "report.json", result)
+    return result
+
+
+def load_network(path) -> torch.nn.Module:
+    """Rebuild an exported network (``retrain/network.pt``) with its trained weights."""
+    bundle = torch.load(path, map_location="cpu", weights_only=False)
+    network = build_network(resolve_genotype(bundle["genotype"]), **bundle["network_kwargs"])
+    network.load_state_dict(bundle["state_dict"])
+    return network.eval()
+
+
+def _ckpt(cfg, run_dir: Path):
+    ckpt = cfg.get("ckpt_path")
+    if ckpt == "last":
+        last = run_dir / "checkpoints" / "last.ckpt"
+        return str(last) if last.exists() else None
+    return ckpt
+
+
+def _finish(loggers) -> None:
+    for lg in loggers or []:
+        if type(lg).__name__ == "WandbLogger":
+            import wandb
+
+            wandb.finish()
+
+
+def _print_summary(report: dict, run_dir: Path) -> None:
+    from pytorch_lightning.utilities import rank_zero_only
+
+    if rank_zero_only.rank != 0:
+        return
+    lines = [f"genotype: {report['genotype']}"]
+    if "search_seconds" in report:
+        lines.append(f"search time: {report['search_seconds']} s")
+    if "retrain" in report:
+        r = report["retrain"]
+        lines.append(f"retrain time: {r['retrain_seconds']} s ({r['parameters']:,} parameters)")
+        lines.append(f"test accuracy: {r['test_acc']}")
+    lines.append(f"run directory: {run_dir}")
+    log.info("\n".join(lines))
