@@ -24,7 +24,13 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_modules.retrain import Retrain
-from lightning_modules.runs import atomic_write_json, atomic_write_text, make_loggers, make_trainer, resolve_run_dir
+from lightning_modules.runs import (
+    atomic_write_json,
+    atomic_write_text,
+    make_loggers,
+    make_trainer,
+    resolve_run_dir,
+)
 from oneshot.data import RetrainDataModule, SearchDataModule
 from oneshot.genotypes import resolve as resolve_genotype
 from oneshot.spaces import build_network
@@ -99,7 +105,7 @@ def retrain(cfg: DictConfig) -> dict:
     genotype = resolve_genotype(cfg.genotype)
     loggers = make_loggers(cfg, run_dir)
     try:
-        network_kwargs = OmegaConf.to_container(cfg.network, resolve=True)
+        network_kwargs = {k: v for k, v in OmegaConf.to_container(cfg.network, resolve=True).items() if v is not None}
         report = {"genotype": str(genotype), "space": genotype.space}
         report["retrain"] = retrain_genotype(genotype, cfg, run_dir, network_kwargs, loggers, _ckpt(cfg, run_dir))
     finally:

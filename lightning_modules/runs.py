@@ -6,6 +6,7 @@ so a run killed at any moment leaves either the old file or the new one, never h
 
 from __future__ import annotations
 
+import csv
 import datetime
 import json
 import logging
@@ -16,9 +17,11 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+from lightning_fabric.loggers.logger import rank_zero_experiment
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar, TQDMProgressBar
 from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 from pytorch_lightning.utilities import rank_zero_only
 
@@ -62,6 +65,30 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         atomic_save(checkpoint, path)
 
 
+class _AppendingWriter(ExperimentWriter):
+    """Lightning's CSV writer deletes an existing ``metrics.csv``; a resumed run appends to it."""
+
+    def _check_log_dir_exists(self) -> None:
+        if os.path.isfile(self.metrics_file_path):
+            with open(self.metrics_file_path, newline="") as f:
+                self.metrics_keys = sorted(next(csv.reader(f), []))
+
+
+class RunCSVLogger(CSVLogger):
+    """``metrics.csv`` directly in the run directory, kept across resumes."""
+
+    def __init__(self, run_dir: Path):
+        super().__init__(save_dir=str(run_dir), name="", version="")
+
+    @property
+    @rank_zero_experiment
+    def experiment(self):
+        if self._experiment is None:
+            os.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+        return self._experiment
+
+
 def resolve_run_dir(cfg: DictConfig) -> Path:
     """``cfg.run_dir``, else the Hydra run directory, else a new ``outputs/<name>/<time>``."""
     if cfg.get("run_dir"):
@@ -100,7 +127,7 @@ def make_loggers(cfg: DictConfig, run_dir: Path, wandb_from=None) -> list:
     ``wandb_from``: loggers of an earlier stage in the same process whose W&B run is reused,
     so search and retraining land in one W&B run.
     """
-    loggers = [CSVLogger(save_dir=str(run_dir), name="", version="")]
+    loggers = [RunCSVLogger(run_dir)]
     wcfg = cfg.get("logger", {}).get("wandb") if cfg.get("logger") else None
     if wcfg is None:
         return loggers

@@ -23,6 +23,7 @@ CONFIG_PATH = "pkg://oneshot.conf"
 def _user_error(exc: BaseException) -> BaseException | None:
     """The error to report in one line, if ``exc`` (or what it wraps) is one a user can fix."""
     from hydra.errors import InstantiationException
+    from omegaconf.errors import MissingMandatoryValue
 
     from lightning_modules.base import NonFiniteLossError
     from oneshot.data import DatasetUnavailableError
@@ -31,6 +32,9 @@ def _user_error(exc: BaseException) -> BaseException | None:
     seen = exc
     while isinstance(seen, InstantiationException) and seen.__cause__ is not None:
         seen = seen.__cause__
+    if isinstance(seen, MissingMandatoryValue):
+        key = getattr(seen, "full_key", None) or "a value"
+        return ValueError(f"{key} is required, e.g. {key}=... on the command line (see --help)")
     if isinstance(seen, GenotypeError | DatasetUnavailableError | NonFiniteLossError | ValueError | FileNotFoundError):
         return seen
     return None

@@ -7,7 +7,14 @@ import torch
 
 from oneshot import genotypes as G
 from oneshot.genotypes import GenotypeError
-from oneshot.spaces import DartsNetwork, DartsSupernet, NB201Network, build_network, get_space, nb201_network
+from oneshot.spaces import (
+    DartsNetwork,
+    DartsSupernet,
+    NB201Network,
+    build_network,
+    get_space,
+    nb201_network,
+)
 from oneshot.spaces.darts import cell_edges
 
 SHAPES = [(1, 28), (3, 32)]

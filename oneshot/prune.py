@@ -1,0 +1,359 @@
+"""TE-NAS: prune a supernet by importance, training-free (Chen, Gong, Wang, ICLR 2021, Alg. 1).
+
+Start with every op on every edge. Each round, for every edge and every surviving op, measure
+the NTK condition number kappa and the number of linear regions R of the supernet *without that
+op* (one edge's mask loses one op, the others stay full), as relative changes from the current
+supernet: ``dk = (k - k_without) / k`` and ``dR = (R - R_without) / R``. An op whose removal
+lowers kappa most (large dk) and costs fewest regions (small dR) matters least: rank all
+candidates by dk (descending) and by dR (ascending), dense ranks, and on every edge remove the
+ops with the smallest rank sum. Repeat until ``keep`` ops per edge remain. In the DARTS space
+every node then keeps two inputs: within each node the incoming edges are ranked the same way
+(removing a whole edge) and all but the two most important are removed.
+
+Followed from the reference (VITA-Group/TENAS, ``prune_tenas.py``, ``prune_launch.py``):
+``none`` is pruned before the first round; ranks use changes rounded to ``precision`` (3)
+decimals, ties share a rank and the rank sum's ties go to the larger dk; changes are averaged
+over ``num_inits`` (3) Kaiming initialisations, fan-out for the NTK net, fan-in for the regions
+net; pruned ops are masked with -inf logits, so an edge computes the *mean* of its surviving
+ops (``average_masked_ops`` does that with our masks); the metric networks and batch sizes are
+the reference's (``nb201_space``, ``darts_space``). Ours: one fixed NTK batch and one fixed set
+of crops, and in each round the same initialisations for the current supernet and every
+candidate (the reference draws new data per candidate), so candidates are compared on common
+random numbers and the current supernet is measured once per round rather than per candidate.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+from torch import nn
+
+from oneshot.genotypes import DartsGenotype, NB201Genotype
+from oneshot.metrics import DartsMetricNet, NB201SingleCell, nb201_ntk_network, sample_images
+from oneshot.metrics.ntk import condition_number, ntk_gram, reinit_
+from oneshot.metrics.regions import activation_patterns, count_unique_rows, random_crops
+from oneshot.mixed import MixedOp
+from oneshot.ops import DARTS_PRIMITIVES, NB201_PRIMITIVES
+from oneshot.spaces.darts import cell_edges
+from oneshot.spaces.nb201 import EDGES
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def average_masked_ops(model: nn.Module):
+    """While active, a MixedOp given a mask of k ops returns their mean, not their sum."""
+
+    def mean(module, args, kwargs, output):
+        mask = args[1] if len(args) > 1 else kwargs.get("weights")
+        if isinstance(mask, tuple) and len(mask) > 1 and output is not None:
+            return output / len(mask)
+
+    hooks = [
+        m.register_forward_hook(mean, with_kwargs=True)
+        for m in model.modules()
+        if isinstance(m, MixedOp)
+    ]
+    try:
+        yield model
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+@dataclass(frozen=True)
+class TenasSpace:
+    """A space as TE-NAS prunes it. ``ntk_network()``/``regions_network()`` build the two metric
+    networks with all ``candidates``; their ``forward(x, weights)`` takes one MixedOp entry per
+    edge per cell type. ``genotype`` maps {cell type: op name or None per edge} to a genotype.
+    ``node_edges`` lists each node's incoming edges where nodes keep ``inputs_per_node`` inputs
+    (DARTS); None keeps all edges. ``ops_per_round`` and ``ntk_batch``: the reference's values."""
+
+    candidates: dict[str, list[tuple[str, ...]]]
+    ntk_network: Callable[[], nn.Module]
+    regions_network: Callable[[], nn.Module]
+    edge_names: list[str]
+    genotype: Callable[[dict], object] | None = None
+    node_edges: list[list[int]] | None = None
+    inputs_per_node: int = 2
+    ops_per_round: int = 1
+    ntk_batch: int = 72
+
+
+def nb201_space(
+    C: int = 3, N: int = 1, num_classes: int = 10, primitives=NB201_PRIMITIVES
+) -> TenasSpace:
+    """NB201: the NTK on the skeleton at C=3, N=1; regions on one stem-less C=1 cell; one op
+    per edge per round, batch 72 (``prune_launch.py``)."""
+    cands = {"cell": [tuple(primitives)] * len(EDGES)}
+    return TenasSpace(
+        cands,
+        partial(nb201_ntk_network, cands, C, N, num_classes),
+        partial(NB201SingleCell, cands, 1, num_classes),
+        [f"{t}<-{s}" for t, s in EDGES],
+        genotype=lambda ops: NB201Genotype.from_edge_ops(ops["cell"]),
+        ops_per_round=1,
+        ntk_batch=72,
+    )
+
+
+def darts_space(C: int = 1, num_classes: int = 10, steps: int = 4, multiplier: int = 4, stem_multiplier: int = 1,
+                primitives=DARTS_PRIMITIVES, ops_per_round: int = 3, ntk_batch: int = 14) -> TenasSpace:  # fmt: skip
+    """DARTS: both metrics on ``DartsMetricNet`` (C=1; the regions copy has no stem and one input
+    channel); CIFAR-10 settings: three ops per edge per round, batch 14 (ImageNet: 2 and 24)."""
+    edges = cell_edges(steps)
+    cands = {t: [tuple(primitives)] * len(edges) for t in ("normal", "reduce")}
+    concat = tuple(range(2 + steps - multiplier, steps + 2))
+
+    def genotype(ops):
+        cells = [
+            tuple((op, j) for op, (_, j) in zip(ops[t], edges) if op is not None)
+            for t in ("normal", "reduce")
+        ]
+        return DartsGenotype(cells[0], concat, cells[1], concat)
+
+    sizes = {
+        "C": C,
+        "stem_multiplier": stem_multiplier,
+        "steps": steps,
+        "multiplier": multiplier,
+        "num_classes": num_classes,
+    }
+    return TenasSpace(
+        cands,
+        partial(DartsMetricNet, cands, **sizes),
+        partial(DartsMetricNet, cands, in_channels=1, stem=False, **sizes),
+        [f"{t}<-{s}" for t, s in edges],
+        genotype=genotype,
+        node_edges=[
+            [e for e, (node, _) in enumerate(edges) if node == k + 2] for k in range(steps)
+        ],
+        ops_per_round=ops_per_round,
+        ntk_batch=ntk_batch,
+    )
+
+
+TENAS_SPACES: dict[str, Callable[..., TenasSpace]] = {"nb201": nb201_space, "darts": darts_space}
+
+
+def relative_change(before: float, after: float) -> float:
+    """``(before - after) / before``, with the limits where a condition number is infinite."""
+    if before == after:
+        return 0.0
+    if before == float("inf"):
+        return 1.0
+    return -float("inf") if after == float("inf") else (before - after) / before
+
+
+def dense_ranks(values: list[float], descending: bool) -> tuple[list[int], list[int]]:
+    """Rank of each value (equal values share one, the next distinct value gets the next) and
+    the stable sorted order, as ``prune_func_rank`` ranks."""
+    order = sorted(range(len(values)), key=lambda i: values[i], reverse=descending)
+    ranks, r = [0] * len(values), 0
+    for pos, i in enumerate(order):
+        r += pos > 0 and values[i] != values[order[pos - 1]]
+        ranks[i] = r
+    return ranks, order
+
+
+def combined_order(
+    ntk_change: list[float], regions_change: list[float]
+) -> tuple[list[int], list[int], list[int]]:
+    """Candidates from least to most important: by rank sum, ties in dk order. Also the ranks."""
+    ntk_rank, ntk_order = dense_ranks(ntk_change, descending=True)
+    regions_rank, _ = dense_ranks(regions_change, descending=False)
+    position = {i: p for p, i in enumerate(ntk_order)}
+    order = sorted(
+        range(len(ntk_change)), key=lambda i: (ntk_rank[i] + regions_rank[i], position[i])
+    )
+    return order, ntk_rank, regions_rank
+
+
+@dataclass(frozen=True)
+class PruneRow:
+    """One candidate of one round: the supernet without ``op`` on ``edge`` (stage "op") or
+    without the whole edge (stage "edge"); ``ntk``/``regions`` are its means, ``*_change`` the
+    mean relative changes ranked, ``rank`` their rank sum; the lowest sums were ``pruned``."""
+
+    round: int
+    stage: str
+    cell_type: str
+    edge: str
+    op: str
+    ntk: float
+    regions: float
+    ntk_change: float
+    regions_change: float
+    ntk_rank: int
+    regions_rank: int
+    rank: int
+    pruned: bool
+
+
+@dataclass
+class PruneResult:
+    """``survivors``: the ops kept on each edge, usable as ``candidates=`` of a smaller supernet;
+    ``genotype`` when ``keep == 1``; ``edges``: the edges each cell type kept (DARTS)."""
+
+    survivors: dict[str, list[tuple[str, ...]]]
+    genotype: object | None
+    history: list[PruneRow] = field(default_factory=list)
+    edges: dict[str, list[int]] | None = None
+
+
+class _Meter:
+    """Both metrics of masked supernets, on common initialisations within a round."""
+
+    def __init__(self, space, batch, crops, num_inits, seed, precision, method, progress):
+        self.ntk_net, self.regions_net = space.ntk_network(), space.regions_network()
+        self.batch, self.crops, self.num_inits, self.seed = batch, crops, num_inits, seed
+        self.precision, self.method, self.progress = precision, method, progress
+
+    def _kappa(self, masks):
+        with average_masked_ops(self.ntk_net):
+            return condition_number(
+                ntk_gram(self.ntk_net, self.batch, {"weights": masks}, self.method)
+            )
+
+    def _regions(self, masks):
+        with average_masked_ops(self.regions_net):
+            return count_unique_rows(
+                activation_patterns(self.regions_net, self.crops, 1000, {"weights": masks})
+            )
+
+    def __call__(self, current, variants, round_, label):
+        k, r, dk, dr = ([0.0] * len(variants) for _ in range(4))
+        with _progress(self.progress, label, self.num_inits * (len(variants) + 1)) as advance:
+            for i in range(self.num_inits):
+                s = self.seed * 1_000_003 + round_ * 1_009 + i  # a fresh init per round and repeat
+                reinit_(self.ntk_net, "fan_out", torch.Generator().manual_seed(s))
+                reinit_(self.regions_net, "fan_in", torch.Generator().manual_seed(s))
+                k0, r0 = self._kappa(current), self._regions(current)
+                advance()
+                for v, masks in enumerate(variants):
+                    kv, rv = self._kappa(masks), self._regions(masks)
+                    k[v], r[v] = k[v] + kv / self.num_inits, r[v] + rv / self.num_inits
+                    dk[v] += round(relative_change(k0, kv), self.precision) / self.num_inits
+                    dr[v] += round(relative_change(r0, rv), self.precision) / self.num_inits
+                    advance()
+        return k, r, dk, dr
+
+
+@contextlib.contextmanager
+def _progress(enabled: bool, label: str, total: int):
+    if not enabled:
+        yield lambda: None
+        return
+    from rich.progress import Progress
+
+    with Progress(transient=True) as bar:
+        task = bar.add_task(label, total=total)
+        yield lambda: bar.advance(task)
+
+
+def _replace(alive, t, e, entry):
+    return {
+        c: [entry if (c, f) == (t, e) else a for f, a in enumerate(edges)]
+        for c, edges in alive.items()
+    }
+
+
+def _first_per_group(order, cands, group, quota: dict) -> set[int]:
+    """The first ``quota[group(c)]`` candidates of each group, in ``order``."""
+    taken, chosen = {}, set()
+    for i in order:
+        g = group(cands[i])
+        if taken.get(g, 0) < quota[g]:
+            taken[g] = taken.get(g, 0) + 1
+            chosen.add(i)
+    return chosen
+
+
+def prune(space: str | TenasSpace = "nb201", images: torch.Tensor | None = None, keep: int = 1, *,
+          num_inits: int = 3, seed: int = 0, ntk_batch: int | None = None, n_crops: int = 3000,
+          crop_size: int = 3, ops_per_round: int | None = None, precision: int = 3, method: str = "loop",
+          progress: bool = False, **space_kwargs) -> PruneResult:  # fmt: skip
+    """Prune ``space`` (a name in ``TENAS_SPACES``, sized by ``space_kwargs``, or a
+    ``TenasSpace``) down to ``keep`` ops per edge, measuring on ``images`` (real training images,
+    normalised as for training): the NTK on ``ntk_batch`` of them (default: the space's), the
+    regions on ``n_crops`` one-channel ``crop_size`` crops. Deterministic given ``seed``."""
+    if isinstance(space, str):
+        space = TENAS_SPACES[space](**space_kwargs)
+    if images is None or keep < 1:
+        raise ValueError("prune needs real images and keep >= 1")
+    names, per_round = space.candidates, ops_per_round or space.ops_per_round
+    alive = {
+        t: [tuple(i for i, op in enumerate(c) if op != "none") for c in cands]
+        for t, cands in names.items()
+    }
+    if min(len(a) for edges in alive.values() for a in edges) < keep:
+        raise ValueError(f"cannot keep {keep} ops on an edge with fewer candidates besides 'none'")
+    batch, crops = (
+        sample_images(images, ntk_batch or space.ntk_batch, seed),
+        random_crops(images, n_crops, crop_size, seed),
+    )
+    meter = _Meter(space, batch, crops, num_inits, seed, precision, method, progress)
+    history, round_ = [], 0
+
+    def rank(cands, variants, stage, group, quota):
+        """Measure the variants, rank them, record the rows; the candidates to remove."""
+        k, r, dk, dr = meter(alive, variants, round_, f"TE-NAS {stage} round {round_}")
+        order, nr, rr = combined_order(dk, dr)
+        removed = _first_per_group(order, cands, group, quota)
+        for i, (t, e, op) in enumerate(cands):
+            row = PruneRow(round_, stage, t, space.edge_names[e], names[t][e][op], k[i], r[i], dk[i], dr[i], nr[i],
+                           rr[i], nr[i] + rr[i], i in removed)  # fmt: skip
+            history.append(row)
+            if row.pruned:
+                log.info(
+                    "TE-NAS round %d: remove %s from %s edge %s", round_, row.op, t, row.edge
+                )
+        return [cands[i] for i in sorted(removed)]
+
+    while max(len(a) for edges in alive.values() for a in edges) > keep:
+        cands = [
+            (t, e, op)
+            for t, edges in alive.items()
+            for e, ops in enumerate(edges)
+            if len(ops) > keep
+            for op in ops
+        ]
+        variants = [
+            _replace(alive, t, e, tuple(o for o in alive[t][e] if o != op)) for t, e, op in cands
+        ]
+        quota = {(t, e): min(per_round, len(alive[t][e]) - keep) for t, e, _ in cands}
+        for t, e, op in rank(cands, variants, "op", lambda c: c[:2], quota):
+            alive[t][e] = tuple(o for o in alive[t][e] if o != op)
+        round_ += 1
+    survivors = {
+        t: [tuple(names[t][e][o] for o in ops) for e, ops in enumerate(edges)]
+        for t, edges in alive.items()
+    }
+    if keep > 1 or space.genotype is None:
+        return PruneResult(survivors, None, history)
+
+    # DARTS: every node keeps its `inputs_per_node` most important incoming edges, node by node.
+    for t in alive if space.node_edges else ():
+        for node in space.node_edges:
+            if len(node) > space.inputs_per_node:
+                cands = [(t, e, alive[t][e][0]) for e in node]
+                variants = [_replace(alive, t, e, None) for e in node]
+                quota = {t: len(node) - space.inputs_per_node}
+                for _, e, _ in rank(cands, variants, "edge", lambda c: c[0], quota):
+                    alive[t][e] = None
+                round_ += 1
+    ops = {
+        t: [names[t][e][a[0]] if a else None for e, a in enumerate(edges)]
+        for t, edges in alive.items()
+    }
+    edges = (
+        {t: [e for e, a in enumerate(es) if a] for t, es in alive.items()}
+        if space.node_edges
+        else None
+    )
+    return PruneResult(survivors, space.genotype(ops), history, edges)

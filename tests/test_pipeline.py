@@ -1,0 +1,74 @@
+"""The real Hydra configs through the real pipeline: every strategy x space with fast_dev_run,
+retraining published genotypes, and what the run directory holds."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+import oneshot
+from oneshot.genotypes import parse
+
+CONF = Path(oneshot.__file__).parent.parent / "conf"
+STRATEGIES = sorted(p.stem for p in (CONF / "strategy").glob("*.yaml"))
+SPACES = sorted(p.stem for p in (CONF / "space").glob("*.yaml"))
+FAST = ["+trainer.fast_dev_run=true", "data=digits", "data.batch_size=8"]
+
+
+def compose(overrides, name="search"):
+    return oneshot.compose(name, overrides)
+
+
+@pytest.mark.parametrize("space", SPACES)
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_fast_dev_run_every_strategy_and_space(strategy, space, tmp_path):
+    cfg = compose([f"strategy={strategy}", f"space={space}", f"run_dir={tmp_path}", *FAST])
+    report = oneshot.search(cfg)
+    genotype = parse((tmp_path / "genotype.txt").read_text())
+    assert str(genotype) == report["genotype"] and genotype.space == space
+    assert parse(json.dumps(json.loads((tmp_path / "genotype.json").read_text()))) == genotype
+    assert json.loads((tmp_path / "report.json").read_text())["retrain"]["test_acc"] is not None
+    assert (tmp_path / "config.yaml").read_text().count(f"name: {space}") == 1
+    assert (tmp_path / "checkpoints" / "last.ckpt").exists()
+    assert (tmp_path / "retrain" / "network.pt").exists()
+
+
+def test_second_order_darts_runs(tmp_path):
+    cfg = compose(["strategy=darts", "strategy.order=2", f"run_dir={tmp_path}", "retrain.enabled=false", *FAST])
+    report = oneshot.search(cfg)
+    assert "retrain" not in report and not (tmp_path / "retrain").exists()
+
+
+def test_short_search_writes_metrics_and_alphas(tmp_path):
+    cfg = compose([
+        f"run_dir={tmp_path}", "data=digits", "data.batch_size=16", "trainer.max_epochs=2", "trainer.log_every_n_steps=1",
+        "+trainer.limit_train_batches=3", "+trainer.limit_val_batches=1", "retrain.trainer.max_epochs=1",
+        "+retrain.trainer.limit_train_batches=2",
+    ])  # fmt: skip
+    report = oneshot.search(cfg)
+    header = (tmp_path / "metrics.csv").read_text().splitlines()[0].split(",")
+    for key in ("train/loss", "train/acc", "val/loss", "val/acc", "arch/entropy", "alpha/cell/3<-2/nor_conv_3x3"):
+        assert key in header
+    assert len(report["genotypes_per_epoch"]) == 2
+    assert (tmp_path / "checkpoints" / "epoch=001.ckpt").exists()
+    assert (tmp_path / "retrain" / "metrics.csv").exists()
+
+
+@pytest.mark.parametrize(
+    ("genotype", "network"),
+    [("DARTS_V2", ["network.C=8", "network.layers=3"]), ("NB201_RESNET", ["network.C=4", "network.N=1"])],
+)
+def test_retrain_published_genotype_and_reload_export(genotype, network, tmp_path):
+    cfg = compose([f"genotype={genotype}", f"run_dir={tmp_path}", *network, *FAST], name="retrain")
+    report = oneshot.retrain(cfg)
+    assert report["genotype"] == str(parse(report["genotype"]))
+    net = oneshot.load_network(tmp_path / "network.pt")
+    assert sum(p.numel() for n, p in net.named_parameters() if "auxiliary" not in n) == report["retrain"]["parameters"]
+
+
+def test_retrain_reads_a_search_run_directory(tmp_path):
+    search_dir, retrain_dir = tmp_path / "s", tmp_path / "r"
+    oneshot.search(compose([f"run_dir={search_dir}", "retrain.enabled=false", *FAST]))
+    report = oneshot.retrain(compose([f"genotype={search_dir / 'genotype.txt'}", f"run_dir={retrain_dir}",
+                                      "network.C=4", "network.N=1", *FAST], name="retrain"))  # fmt: skip
+    assert report["genotype"] == (search_dir / "genotype.txt").read_text().strip()
