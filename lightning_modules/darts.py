@@ -115,16 +115,7 @@ class DartsSearch(SearchModule):
         a_opt.step()
         return loss_val
 
-    def training_step(self, batch, batch_idx):
-        w_opt, a_opt = self.optimizers()
-        train_batch, val_batch = batch["train"], batch["val"]
-
-        # 1. Architecture step on the validation batch (alphas frozen during warm-up).
-        if self.current_epoch >= self.warmup_epochs:
-            loss_val = self.arch_step(train_batch, val_batch, w_opt, a_opt)
-            self.log("search/arch_loss", loss_val, prog_bar=False)
-
-        # 2. Weight step on the training batch; gradients of the arch step are discarded.
+    def weight_step(self, train_batch, w_opt):
         x, y = train_batch
         w_opt.zero_grad()
         logits = self.supernet(x)
@@ -136,8 +127,21 @@ class DartsSearch(SearchModule):
         w_opt.step()
         for a in self.supernet.arch_parameters():  # the weight backward also filled alpha grads
             a.grad = None
+        return loss, logits
+
+    def training_step(self, batch, batch_idx):
+        w_opt, a_opt = self.optimizers()
+        train_batch, val_batch = batch["train"], batch["val"]
+
+        # 1. Architecture step on the validation batch (alphas frozen during warm-up).
+        if self.current_epoch >= self.warmup_epochs:
+            loss_val = self.arch_step(train_batch, val_batch, w_opt, a_opt)
+            self.log("search/arch_loss", loss_val)
+
+        # 2. Weight step on the training batch; gradients of the arch step are discarded.
+        loss, logits = self.weight_step(train_batch, w_opt)
         self.log("train/loss", loss, prog_bar=True)
-        self.log("train/acc", accuracy(logits, y), prog_bar=True)
+        self.log("train/acc", accuracy(logits, train_batch[1]), prog_bar=True)
 
     def on_train_epoch_end(self):
         self.lr_schedulers().step()

@@ -45,7 +45,11 @@ def batch_statistics(module: nn.Module):
     untouched. ENAS does this (``build_valid_rl`` runs the child with ``is_training=True``): the
     running statistics average over every architecture sampled so far and fit none of them.
     Leaving them untouched keeps scoring a pure read of the supernet."""
-    bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    bns = [
+        m
+        for m in module.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    ]
     was_training = module.training
     module.train()
     for bn in bns:  # in train mode without tracking, BN normalises by the batch and updates nothing
@@ -93,14 +97,19 @@ class EnasSearch(SearchModule):
         self.controller = Controller.for_supernet(supernet, **(controller_kwargs or {}))
         self.reinforce = Reinforce(**(reinforce_kwargs or {}))
         self.w_lr_min, self.grad_clip, self.warmup_epochs = w_lr_min, grad_clip, warmup_epochs
-        self.controller_every, self.controller_steps_per_batch = controller_every, controller_steps_per_batch
+        self.controller_every = controller_every
+        self.controller_steps_per_batch = controller_steps_per_batch
         self.derive_samples, self.derive_batches, self.seed = derive_samples, derive_batches, seed
         # ENAS' shared weights: Nesterov SGD, lr 0.05 -> 5e-4 cosine, wd 1e-4; controller: Adam lr
         # 3.5e-4 (the paper), beta1 = 0 and eps 1e-3 (the authors' src/utils.py).
         self.w_optimizer = w_optimizer or (
-            lambda params: torch.optim.SGD(params, 0.05, momentum=0.9, nesterov=True, weight_decay=1e-4)
+            lambda params: torch.optim.SGD(
+                params, 0.05, momentum=0.9, nesterov=True, weight_decay=1e-4
+            )
         )
-        self.c_optimizer = c_optimizer or (lambda params: torch.optim.Adam(params, 3.5e-4, betas=(0.0, 0.999), eps=1e-3))
+        self.c_optimizer = c_optimizer or (
+            lambda params: torch.optim.Adam(params, 3.5e-4, betas=(0.0, 0.999), eps=1e-3)
+        )
         self.derived: dict = {}
         self._last_sampled = None
 
@@ -155,7 +164,8 @@ class EnasSearch(SearchModule):
 
     def training_step(self, batch, batch_idx):
         w_opt, c_opt = self.optimizers()
-        step = self.global_step  # same on every rank and restored on resume: seeds this batch's draws
+        # The step is the same on every rank and restored on resume: it seeds this batch's draws.
+        step = self.global_step
 
         # 1. Weight step on the training batch, along one architecture from the current policy.
         with torch.no_grad():
@@ -165,12 +175,14 @@ class EnasSearch(SearchModule):
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/acc", acc, prog_bar=True)
 
-        # 2. Controller step(s) on the validation batch (the policy is frozen during warm-up, when
-        #    the weights train on draws from the initial, near-uniform policy).
+        # 2. Controller step(s) on the validation batch. During warm-up the policy stays frozen at
+        #    its initialisation, every choice within ~5% of uniform (temperature 5, U(-0.1, 0.1)).
         if self.current_epoch < self.warmup_epochs or batch_idx % self.controller_every:
             return
         for k in range(self.controller_steps_per_batch):
-            sample, reward = self.controller_step(batch["val"], c_opt, self.generator(_CONTROLLER_STREAM, step, k))
+            sample, reward = self.controller_step(
+                batch["val"], c_opt, self.generator(_CONTROLLER_STREAM, step, k)
+            )
         self.log("enas/reward", reward, prog_bar=True)
         self.log("enas/epoch_reward", reward, on_step=False, on_epoch=True)
         self.log("enas/baseline", self.reinforce.baseline.clone())
@@ -219,7 +231,11 @@ class EnasSearch(SearchModule):
         most_likely = self.controller.most_likely()
         if batches is None and self._trainer is not None and self.trainer.datamodule is not None:
             batches = list(islice(self.trainer.datamodule.val_dataloader(), self.derive_batches))
-        self.derived = {"most_likely": str(most_likely.genotype), "best_sampled": None, "scores": {}}
+        self.derived = {
+            "most_likely": str(most_likely.genotype),
+            "best_sampled": None,
+            "scores": {},
+        }
         rank_zero_info(f"ENAS most likely genotype: {most_likely.genotype}")
         if not batches or not self.derive_samples:
             return most_likely.genotype
@@ -232,5 +248,8 @@ class EnasSearch(SearchModule):
         scores = {g: self.score(s.weights, batches) for g, s in candidates.items()}
         best = max(candidates, key=lambda g: (scores[g], float(candidates[g].log_prob)))
         self.derived.update(best_sampled=best, scores=scores)
-        rank_zero_info(f"ENAS best of {self.derive_samples} samples ({len(candidates)} distinct): {best}, acc {scores[best]:.4f}")
+        n, distinct = self.derive_samples, len(candidates)
+        rank_zero_info(
+            f"ENAS best of {n} samples ({distinct} distinct): {best}, acc {scores[best]:.4f}"
+        )
         return candidates[best].genotype

@@ -105,7 +105,9 @@ def nb201_space(
 def darts_space(C: int = 1, num_classes: int = 10, steps: int = 4, multiplier: int = 4, stem_multiplier: int = 1,
                 primitives=DARTS_PRIMITIVES, ops_per_round: int = 3, ntk_batch: int = 14) -> TenasSpace:  # fmt: skip
     """DARTS: both metrics on ``DartsMetricNet`` (C=1; the regions copy has no stem and one input
-    channel); CIFAR-10 settings: three ops per edge per round, batch 14 (ImageNet: 2 and 24)."""
+    channel); CIFAR-10 settings: three ops per edge per round, batch 14 (ImageNet: 2 and 24).
+    Our ``SearchCell`` keeps the DARTS supernet's non-affine BN and its BN after pools; the
+    reference's cells have affine BN and no BN after pools, so its NTK also spans BN weights."""
     edges = cell_edges(steps)
     cands = {t: [tuple(primitives)] * len(edges) for t in ("normal", "reduce")}
     concat = tuple(range(2 + steps - multiplier, steps + 2))
@@ -210,7 +212,10 @@ class _Meter:
     """Both metrics of masked supernets, on common initialisations within a round."""
 
     def __init__(self, space, batch, crops, num_inits, seed, precision, method, progress):
-        self.ntk_net, self.regions_net = space.ntk_network(), space.regions_network()
+        with torch.random.fork_rng(
+            devices=[]
+        ):  # building draws default inits; reinit_ replaces them
+            self.ntk_net, self.regions_net = space.ntk_network(), space.regions_network()
         self.batch, self.crops, self.num_inits, self.seed = batch, crops, num_inits, seed
         self.precision, self.method, self.progress = precision, method, progress
 
@@ -310,9 +315,7 @@ def prune(space: str | TenasSpace = "nb201", images: torch.Tensor | None = None,
                            rr[i], nr[i] + rr[i], i in removed)  # fmt: skip
             history.append(row)
             if row.pruned:
-                log.info(
-                    "TE-NAS round %d: remove %s from %s edge %s", round_, row.op, t, row.edge
-                )
+                log.info("TE-NAS round %d: remove %s from %s edge %s", round_, row.op, t, row.edge)
         return [cands[i] for i in sorted(removed)]
 
     while max(len(a) for edges in alive.values() for a in edges) > keep:

@@ -15,6 +15,16 @@ from oneshot.spaces.nb201 import NB201Cell
 SPACES = ["nb201", "darts"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Nets this small gain nothing from a second thread; on a busy 2-core machine the OpenMP
+    # hand-off made each forward ~50x slower (200 ms instead of 4 ms).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def tiny(space):
     if space == "nb201":
         return NB201Network(C=3, N=1, in_channels=1, num_classes=3)
@@ -55,7 +65,10 @@ def test_weight_step_trains_only_the_sampled_ops(space):
     module = module_for(space)
     net = module.supernet
     (w_opt, _), _ = module.configure_optimizers()  # the real defaults: momentum, Nesterov, decay
-    convs = {t: [[i for i, op in enumerate(ops) if "conv" in op] for ops in c] for t, c in net.candidates.items()}
+    convs = {
+        t: [[i for i, op in enumerate(ops) if "conv" in op] for ops in c]
+        for t, c in net.candidates.items()
+    }
     handmade = {t: [c[e % 2] for e, c in enumerate(cs)] for t, cs in convs.items()}
     swapped = {t: [c[1 - e % 2] for e, c in enumerate(cs)] for t, cs in convs.items()}
     draws = [module.controller.sample(module.generator(0, k)).weights for k in range(3)]
@@ -70,12 +83,16 @@ def test_weight_step_trains_only_the_sampled_ops(space):
             for i, op in enumerate(mixed.ops):
                 params = list(op.parameters())
                 if i in chosen(weights[t][e]):
-                    assert all(id(p) in moved for p in params), (t, e, i)
-                    ops_moved += bool(params)
+                    # It moves if it got a gradient; a DARTS sample may leave it off every path to
+                    # the loss (when the next cell ignores this cell's output): then no gradient.
+                    assert all((id(p) in moved) == (p.grad is not None) for p in params), (t, e, i)
+                    ops_moved += any(id(p) in moved for p in params)
                 else:
                     assert not any(id(p) in moved for p in params), (t, e, i)
                     assert all(p.grad is None for p in params)
-        assert not any(id(p) in moved for p in [*net.arch_parameters(), *module.controller.parameters()])
+        assert not any(
+            id(p) in moved for p in [*net.arch_parameters(), *module.controller.parameters()]
+        )
     assert ops_moved > 5
 
 
@@ -103,7 +120,9 @@ def test_derive_genotype_is_valid_deterministic_and_a_pure_read(space):
     before = snapshot(module)
     batches = [batch(), batch()]
     first, second = module.derive_genotype(batches), module.derive_genotype(batches)
-    assert first == second and isinstance(first, {"nb201": NB201Genotype, "darts": DartsGenotype}[space])
+    assert first == second and isinstance(
+        first, {"nb201": NB201Genotype, "darts": DartsGenotype}[space]
+    )
     assert parse(str(first)) == first
     module.supernet.weights_for(first)  # a genotype of this supernet: raises otherwise
     derived = module.derived
@@ -132,12 +151,19 @@ def test_bad_controller_schedule_is_rejected():
         EnasSearch(tiny("nb201"), controller_every=0)
 
 
-FAST = ["strategy=enas", "data.batch_size=16", "strategy.derive_samples=10", "retrain.enabled=false"]
+FAST = [
+    "strategy=enas",
+    "data.batch_size=16",
+    "strategy.derive_samples=10",
+    "retrain.enabled=false",
+]
 
 
 @pytest.mark.parametrize("space", SPACES)
 def test_fast_dev_run_through_the_real_config(space, tmp_path):
-    cfg = oneshot.compose("search", [f"space={space}", "+trainer.fast_dev_run=true", f"run_dir={tmp_path}", *FAST])
+    cfg = oneshot.compose(
+        "search", [f"space={space}", "+trainer.fast_dev_run=true", f"run_dir={tmp_path}", *FAST]
+    )
     report = oneshot.search(cfg)
     genotype = parse((tmp_path / "genotype.txt").read_text())
     assert genotype.space == space and str(genotype) == report["genotype"]
@@ -155,6 +181,8 @@ def test_short_search_logs_the_controller(tmp_path):
                 "enas/epoch_reward", "arch/entropy", "prob/cell/3<-2/op", "search/w_lr"):  # fmt: skip
         assert key in header
     assert len(report["genotypes_per_epoch"]) == 2
-    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(
+        tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False
+    )
     assert int(ckpt["state_dict"]["reinforce.num_updates"]) == 6  # 3 batches x 2 epochs
     assert json.loads((tmp_path / "report.json").read_text())["strategy"] == "EnasSearch"

@@ -49,16 +49,23 @@ def test_ntk_of_a_linear_model_is_the_closed_form(method):
     torch.testing.assert_close(ntk_gram(model, X, method=method), expected)
     eig = np.linalg.eigvalsh(expected.numpy())
     # The closed form does not depend on the weights: any re-initialisation gives it.
-    assert ntk_condition_number(model, X, num_inits=2, method=method) == pytest.approx(eig[-1] / eig[0], rel=1e-9)
+    assert ntk_condition_number(model, X, num_inits=2, method=method) == pytest.approx(
+        eig[-1] / eig[0], rel=1e-9
+    )
 
 
 def small_nets():
     masks = {"cell": [(1, 2, 3, 4)] * 6}
-    darts = {t: [("skip_connect", "sep_conv_3x3", "max_pool_3x3")] * 14 for t in ("normal", "reduce")}
+    darts = {
+        t: [("skip_connect", "sep_conv_3x3", "max_pool_3x3")] * 14 for t in ("normal", "reduce")
+    }
     return {
         "nb201-supernet": (NB201Network(C=2, N=1, image_size=8), {"weights": masks}),
         "nb201-discrete": (nb201_ntk_network({"cell": [("nor_conv_3x3",)] * 6}, C=2), {}),
-        "darts-metric-net": (DartsMetricNet(darts, C=2), {"weights": {t: [(0, 1, 2)] * 14 for t in darts}}),
+        "darts-metric-net": (
+            DartsMetricNet(darts, C=2),
+            {"weights": {t: [(0, 1, 2)] * 14 for t in darts}},
+        ),
     }
 
 
@@ -75,7 +82,9 @@ def test_vectorised_ntk_equals_the_per_sample_loop(name, digits):
 def test_ntk_parameters_are_weights_only():
     net = NB201Network(C=2, N=1)  # has alphas
     names = [n for n, _ in ntk_parameters(net)]
-    assert names and all(n.endswith("weight") for n in names) and not any("alphas" in n for n in names)
+    assert (
+        names and all(n.endswith("weight") for n in names) and not any("alphas" in n for n in names)
+    )
     with_bias = [n for n, _ in ntk_parameters(net, include_biases=True)]
     assert "classifier.bias" in with_bias and "classifier.bias" not in names
 
@@ -105,10 +114,16 @@ def test_metrics_are_seeded_and_leave_the_model_alone(digits):
     net = nb201_ntk_network({"cell": [("nor_conv_3x3",)] * 6}, C=2)
     before = {k: v.clone() for k, v in net.state_dict().items()}
     a = ntk_condition_number(net, digits[:6], seed=1)
-    assert a == ntk_condition_number(net, digits[:6], seed=1) != ntk_condition_number(net, digits[:6], seed=2)
+    assert (
+        a
+        == ntk_condition_number(net, digits[:6], seed=1)
+        != ntk_condition_number(net, digits[:6], seed=2)
+    )
     crops = random_crops(digits, 200)
     thin = NB201SingleCell()
-    assert linear_regions(thin, crops, num_inits=2, seed=3) == linear_regions(thin, crops, num_inits=2, seed=3)
+    assert linear_regions(thin, crops, num_inits=2, seed=3) == linear_regions(
+        thin, crops, num_inits=2, seed=3
+    )
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
 
 
@@ -132,7 +147,9 @@ def test_count_unique_rows():
 
 def test_random_crops_are_patches_of_one_channel(digits):
     crops = random_crops(digits, 50, size=3, seed=0)
-    assert crops.shape == (50, 1, 3, 3) and torch.equal(crops, random_crops(digits, 50, size=3, seed=0))
+    assert crops.shape == (50, 1, 3, 3) and torch.equal(
+        crops, random_crops(digits, 50, size=3, seed=0)
+    )
     patches = digits.unfold(2, 3, 1).unfold(3, 3, 1).reshape(-1, 3, 3)
     assert all((patches == c[0]).flatten(1).all(1).any() for c in crops)
 
@@ -150,7 +167,9 @@ def test_tenas_score_ranks_an_empty_cell_last():
     kw = {"ntk_batch": 8, "n_crops": 400, "num_inits": 1}
     empty = tenas_score_nb201("|none~0|+|none~0|none~1|+|none~0|none~1|none~2|", images, **kw)
     convs = tenas_score_nb201(
-        "|nor_conv_3x3~0|+|nor_conv_3x3~0|nor_conv_3x3~1|+|skip_connect~0|nor_conv_3x3~1|nor_conv_1x1~2|", images, **kw
+        "|nor_conv_3x3~0|+|nor_conv_3x3~0|nor_conv_3x3~1|+|skip_connect~0|nor_conv_3x3~1|nor_conv_1x1~2|",
+        images,
+        **kw,
     )
     assert empty == {"ntk": math.inf, "regions": 1.0}  # the output ignores the weights: one region
     assert math.isfinite(convs["ntk"]) and convs["regions"] > 10 * empty["regions"]

@@ -13,8 +13,12 @@ from oneshot.prune import average_masked_ops, combined_order, dense_ranks, prune
 from oneshot.spaces import DartsNetwork, DartsSupernet, NB201Network
 
 NB201_SMALL = {"C": 1, "primitives": ("none", "skip_connect", "nor_conv_3x3", "avg_pool_3x3")}
-DARTS_SMALL = {"steps": 3, "multiplier": 3, "primitives": ("none", "skip_connect", "sep_conv_3x3", "avg_pool_3x3")}
-FAST = {"num_inits": 1, "ntk_batch": 6, "n_crops": 300}
+DARTS_SMALL = {  # node 3 of 2 has three inputs, so the edge stage has work
+    "steps": 2,
+    "multiplier": 2,
+    "primitives": ("none", "skip_connect", "sep_conv_3x3", "avg_pool_3x3"),
+}
+FAST = {"num_inits": 1, "ntk_batch": 4, "n_crops": 200}
 
 
 @pytest.fixture(autouse=True)
@@ -63,7 +67,9 @@ def test_masked_ops_average_like_the_reference_softmax():
 def test_nb201_prune_keeps_k_ops_per_edge(keep, digits):
     result = prune("nb201", digits, keep=keep, **FAST, **NB201_SMALL)
     assert all(len(ops) == keep and "none" not in ops for ops in result.survivors["cell"])
-    NB201Network(C=2, N=1, candidates=result.survivors)(torch.randn(2, 3, 8, 8))  # a smaller supernet
+    NB201Network(C=2, N=1, candidates=result.survivors)(
+        torch.randn(2, 3, 8, 8)
+    )  # a smaller supernet
     # Three live ops per edge, one removed per edge per round.
     for r in range(3 - keep):
         assert sum(row.pruned for row in result.history if row.round == r) == 6
@@ -77,23 +83,27 @@ def test_nb201_prune_keeps_k_ops_per_edge(keep, digits):
 def test_darts_prune_gives_a_valid_genotype(digits):
     result = prune("darts", digits, **FAST, **DARTS_SMALL)
     g = result.genotype
-    assert isinstance(g, DartsGenotype) and g.steps == 3
+    assert isinstance(g, DartsGenotype) and g.steps == 2
     validate_darts(g)
     for cell in (g.normal, g.reduce):
-        for node in range(3):
+        for node in range(2):
             (op_a, a), (op_b, b) = cell[2 * node : 2 * node + 2]
             assert a != b and "none" not in (op_a, op_b)
-    assert all(len(result.edges[t]) == 6 for t in ("normal", "reduce"))
+    assert all(len(result.edges[t]) == 4 for t in ("normal", "reduce"))
     assert all(len(ops) == 1 for t in result.survivors for ops in result.survivors[t])
-    # Three live ops, three per round: one op round (2 removed per edge), then the edge rounds.
-    assert {row.stage for row in result.history} == {"op", "edge"}
-    DartsSupernet(C=4, layers=3, steps=3, multiplier=3).weights_for(g)
+    # Three live ops, three per round: one op round (2 removed per edge), then one edge round per cell.
+    ops, edges = ([r for r in result.history if r.stage == s] for s in ("op", "edge"))
+    assert len(ops) == 2 * 5 * 3 and sum(r.pruned for r in ops) == 2 * 5 * 2
+    assert len(edges) == 2 * 3 and sum(r.pruned for r in edges) == 2
+    DartsSupernet(C=4, layers=3, steps=2, multiplier=2).weights_for(g)
     DartsNetwork(g, C=4, layers=3, auxiliary=False)(torch.randn(2, 3, 8, 8))
 
 
 def test_prune_is_deterministic_given_the_seed(digits):
     a, b = (prune("nb201", digits, **FAST, **NB201_SMALL, seed=3) for _ in range(2))
-    assert a.genotype == b.genotype and [asdict(r) for r in a.history] == [asdict(r) for r in b.history]
+    assert a.genotype == b.genotype and [asdict(r) for r in a.history] == [
+        asdict(r) for r in b.history
+    ]
     c = prune("nb201", digits, **FAST, **NB201_SMALL, seed=4)
     assert [r.ntk for r in c.history] != [r.ntk for r in a.history]
 
@@ -101,10 +111,16 @@ def test_prune_is_deterministic_given_the_seed(digits):
 def test_history_rows_describe_every_candidate(digits):
     result = prune("nb201", digits, **FAST, **NB201_SMALL)
     first = [row for row in result.history if row.round == 0]
-    assert len(first) == 6 * 3 and {row.op for row in first} == {"skip_connect", "nor_conv_3x3", "avg_pool_3x3"}
+    assert len(first) == 6 * 3 and {row.op for row in first} == {
+        "skip_connect",
+        "nor_conv_3x3",
+        "avg_pool_3x3",
+    }
     for row in first:
         assert row.rank == row.ntk_rank + row.regions_rank and row.regions >= 1
     # On each edge the pruned op has the lowest rank sum.
     for edge in {row.edge for row in first}:
         rows = [row for row in first if row.edge == edge]
-        assert min(rows, key=lambda row: row.rank).rank == next(row for row in rows if row.pruned).rank
+        assert (
+            min(rows, key=lambda row: row.rank).rank == next(row for row in rows if row.pruned).rank
+        )

@@ -46,7 +46,11 @@ def reinit_(
     """TE-NAS' initialisation (``prune_tenas.py::kaiming_normal_fan{in,out}_init``): Kaiming
     normal for conv/linear weights, zero biases, BN weight 1 and bias 0. The reference uses
     fan-out for the NTK network ("for backward") and fan-in for the linear-region network ("for
-    forward"). Other parameters (e.g. architecture logits) are left alone."""
+    forward"). Other parameters (e.g. architecture logits) are left alone.
+
+    The released launcher passes ``init='kaiming_normal'``, which matches neither of
+    ``init_model``'s names (``'kaiming_norm_fanin'``/``'_fanout'``), so that script silently keeps
+    PyTorch's default init; we follow the evident intent, Kaiming normal."""
     for m in model.modules():
         if isinstance(m, nn.Conv2d | nn.Linear):
             nn.init.kaiming_normal_(m.weight, mode=mode, nonlinearity="relu", generator=generator)

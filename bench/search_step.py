@@ -1,0 +1,129 @@
+"""Median seconds per search step and peak RSS, per space x strategy, printed as JSON lines.
+
+A step is what a strategy's ``training_step`` does for one batch: DARTS = architecture step on a
+validation batch + weight step on a training batch (order 1 or 2); ENAS = weight step through one
+sampled path + a REINFORCE controller step scored on a validation batch.
+
+Each configuration runs in its own process (so its peak RSS is its own), and the configurations
+alternate round by round, so a noisy machine slows all of them alike. Quote the medians.
+
+    .venv/bin/python bench/search_step.py                       # README table: both spaces, all strategies
+    .venv/bin/python bench/search_step.py --spaces nb201 --strategies darts1 --steps 5 --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+SIZES = {  # the configurations the README quotes (issue #3/#4): batch 64, 32x32 RGB, 10 classes
+    "nb201": {"C": 16, "N": 5},
+    "darts": {"C": 16, "layers": 8},
+}
+
+
+def build(space: str, strategy: str, sizes: dict):
+    import torch
+
+    from lightning_modules.darts import DartsSearch
+    from oneshot.spaces import DartsSupernet, NB201Network
+
+    supernet = (NB201Network if space == "nb201" else DartsSupernet)(num_classes=10, in_channels=3, **sizes)
+    if strategy.startswith("darts"):
+        module = DartsSearch(supernet, order=int(strategy[-1]))
+        opts = (torch.optim.SGD(supernet.weight_parameters(), 0.025, momentum=0.9, weight_decay=3e-4),
+                torch.optim.Adam(supernet.arch_parameters(), 3e-4, betas=(0.5, 0.999), weight_decay=1e-3))  # fmt: skip
+
+        def step(train, val):
+            module.arch_step(train, val, *opts)
+            module.weight_step(train, opts[0])
+    else:
+        from lightning_modules.enas import EnasSearch
+
+        module = EnasSearch(supernet)
+        w_opt = torch.optim.SGD(supernet.weight_parameters(), 0.05, momentum=0.9, weight_decay=1e-4)
+        c_opt = torch.optim.Adam(module.controller.parameters(), 3.5e-4)
+        generator = torch.Generator().manual_seed(0)
+
+        def step(train, val):
+            module.weight_step(train, w_opt, generator=generator)
+            module.controller_step(val, c_opt, generator=generator)
+
+    module.manual_backward = lambda loss: loss.backward()  # no Trainer: plain autograd
+    module.log = lambda *a, **k: None
+    return step
+
+
+def run_one(space: str, strategy: str, batch: int, steps: int, warmup: int, threads: int) -> dict:
+    import torch
+
+    torch.manual_seed(0)
+    if threads:
+        torch.set_num_threads(threads)
+    step = build(space, strategy, SIZES[space])
+
+    def batch_():
+        return torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
+
+    train, val = batch_(), batch_()
+    times = []
+    for i in range(warmup + steps):
+        start = time.perf_counter()
+        step(train, val)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"times": times, "peak_rss_mb": round(peak_kb / 1024, 1), "threads": torch.get_num_threads()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--spaces", nargs="+", default=["nb201", "darts"])
+    parser.add_argument("--strategies", nargs="+", default=["darts1", "darts2", "enas"])
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per process")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds of all configurations")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        space, strategy = args.one.split(":")
+        print(json.dumps(run_one(space, strategy, args.batch, args.steps, args.warmup, args.threads)))
+        return
+
+    configs = [(s, st) for s in args.spaces for st in args.strategies]
+    results = {c: {"times": [], "peak_rss_mb": 0.0} for c in configs}
+    for _ in range(args.rounds):
+        for space, strategy in configs:
+            cmd = [sys.executable, __file__, "--one", f"{space}:{strategy}", "--batch", str(args.batch),
+                   "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]  # fmt: skip
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+            one = json.loads(out)
+            results[(space, strategy)]["times"] += one["times"]
+            results[(space, strategy)]["peak_rss_mb"] = max(results[(space, strategy)]["peak_rss_mb"], one["peak_rss_mb"])
+            results[(space, strategy)]["threads"] = one["threads"]
+    medians = {}
+    for (space, strategy), r in results.items():
+        medians[(space, strategy)] = statistics.median(r["times"])
+        print(json.dumps({
+            "bench": "search_step", "space": space, "strategy": strategy, "batch": args.batch, **SIZES[space],
+            "median_step_s": round(medians[(space, strategy)], 3), "n_steps": len(r["times"]),
+            "peak_rss_mb": r["peak_rss_mb"], "threads": r["threads"],
+        }))  # fmt: skip
+    for space in args.spaces:
+        base = medians.get((space, "darts1"))
+        for strategy in args.strategies:
+            if base and strategy != "darts1":
+                print(json.dumps({"bench": "ratio", "space": space, "of": strategy, "to": "darts1",
+                                  "ratio": round(medians[(space, strategy)] / base, 3)}))  # fmt: skip
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent.parent))
+    main()
