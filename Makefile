@@ -6,6 +6,10 @@ ARGS ?=
 .PHONY: install search retrain test lint bench
 
 $(VENV)/.installed: pyproject.toml
+	@# Graphviz's `dot` draws the cell pictures; without it (not root, no apt) they fall back to matplotlib.
+	@command -v dot >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  { apt-get install -y -q graphviz >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q graphviz >/dev/null; }; }; } || \
+	  echo "note: graphviz not installed; cell pictures fall back to matplotlib"
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
