@@ -9,6 +9,7 @@ alternate round by round, so a noisy machine slows all of them alike. Quote the 
 
     .venv/bin/python bench/search_step.py                       # README table: both spaces, all strategies
     .venv/bin/python bench/search_step.py --spaces nb201 --strategies darts1 --steps 5 --rounds 3
+    .venv/bin/python bench/search_step.py --spaces darts --strategies darts1 --partial 1 4   # PC-DARTS
 """
 
 from __future__ import annotations
@@ -27,12 +28,14 @@ SIZES = {  # the configurations the README quotes (issue #3/#4): batch 64, 32x32
 }
 
 
-def build(space: str, strategy: str, sizes: dict):
+def build(space: str, strategy: str, sizes: dict, partial: int = 1):
     import torch
 
     from lightning_modules.darts import DartsSearch
     from oneshot.spaces import DartsSupernet, NB201Network
 
+    if partial > 1:  # PC-DARTS: 1/K of the channels through the mixed ops, edge normalisation
+        sizes = {**sizes, "partial_channels": partial}
     supernet = (NB201Network if space == "nb201" else DartsSupernet)(num_classes=10, in_channels=3, **sizes)
     if strategy.startswith("darts"):
         module = DartsSearch(supernet, order=int(strategy[-1]))
@@ -51,7 +54,9 @@ def build(space: str, strategy: str, sizes: dict):
         generator = torch.Generator().manual_seed(0)
 
         def step(train, val):
-            module.weight_step(train, w_opt, generator=generator)
+            with torch.no_grad():
+                sample = module.controller.sample(generator)
+            module.weight_step(train, sample.weights, w_opt)
             module.controller_step(val, c_opt, generator=generator)
 
     module.manual_backward = lambda loss: loss.backward()  # no Trainer: plain autograd
@@ -59,13 +64,13 @@ def build(space: str, strategy: str, sizes: dict):
     return step
 
 
-def run_one(space: str, strategy: str, batch: int, steps: int, warmup: int, threads: int) -> dict:
+def run_one(space: str, strategy: str, batch: int, steps: int, warmup: int, threads: int, partial: int = 1) -> dict:
     import torch
 
     torch.manual_seed(0)
     if threads:
         torch.set_num_threads(threads)
-    step = build(space, strategy, SIZES[space])
+    step = build(space, strategy, SIZES[space], partial)
 
     def batch_():
         return torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
@@ -90,38 +95,43 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds of all configurations")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    parser.add_argument("--partial", nargs="+", type=int, default=[1],
+                        help="PC-DARTS K values to compare (DARTS space only; 1 = full channels)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        space, strategy = args.one.split(":")
-        print(json.dumps(run_one(space, strategy, args.batch, args.steps, args.warmup, args.threads)))
+        space, strategy, k = args.one.split(":")
+        print(json.dumps(run_one(space, strategy, args.batch, args.steps, args.warmup, args.threads, int(k))))
         return
 
-    configs = [(s, st) for s in args.spaces for st in args.strategies]
+    configs = [(s, st, k) for s in args.spaces for st in args.strategies for k in args.partial
+               if k == 1 or (s == "darts" and st.startswith("darts"))]  # fmt: skip
     results = {c: {"times": [], "peak_rss_mb": 0.0} for c in configs}
     for _ in range(args.rounds):
-        for space, strategy in configs:
-            cmd = [sys.executable, __file__, "--one", f"{space}:{strategy}", "--batch", str(args.batch),
+        for space, strategy, k in configs:
+            cmd = [sys.executable, __file__, "--one", f"{space}:{strategy}:{k}", "--batch", str(args.batch),
                    "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]  # fmt: skip
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
             one = json.loads(out)
-            results[(space, strategy)]["times"] += one["times"]
-            results[(space, strategy)]["peak_rss_mb"] = max(results[(space, strategy)]["peak_rss_mb"], one["peak_rss_mb"])
-            results[(space, strategy)]["threads"] = one["threads"]
+            r = results[(space, strategy, k)]
+            r["times"] += one["times"]
+            r["peak_rss_mb"] = max(r["peak_rss_mb"], one["peak_rss_mb"])
+            r["threads"] = one["threads"]
     medians = {}
-    for (space, strategy), r in results.items():
-        medians[(space, strategy)] = statistics.median(r["times"])
+    for (space, strategy, k), r in results.items():
+        medians[(space, strategy, k)] = statistics.median(r["times"])
         print(json.dumps({
-            "bench": "search_step", "space": space, "strategy": strategy, "batch": args.batch, **SIZES[space],
-            "median_step_s": round(medians[(space, strategy)], 3), "n_steps": len(r["times"]),
+            "bench": "search_step", "space": space, "strategy": strategy, "partial_channels": k, "batch": args.batch,
+            **SIZES[space], "median_step_s": round(medians[(space, strategy, k)], 3), "n_steps": len(r["times"]),
             "peak_rss_mb": r["peak_rss_mb"], "threads": r["threads"],
         }))  # fmt: skip
-    for space in args.spaces:
-        base = medians.get((space, "darts1"))
-        for strategy in args.strategies:
-            if base and strategy != "darts1":
-                print(json.dumps({"bench": "ratio", "space": space, "of": strategy, "to": "darts1",
-                                  "ratio": round(medians[(space, strategy)] / base, 3)}))  # fmt: skip
+    for space, strategy, k in configs:
+        base = medians.get((space, "darts1", 1))
+        if base and (strategy, k) != ("darts1", 1):
+            print(json.dumps({"bench": "ratio", "space": space, "of": f"{strategy} K={k}", "to": "darts1 K=1",
+                              "time_ratio": round(medians[(space, strategy, k)] / base, 3),
+                              "rss_ratio": round(results[(space, strategy, k)]["peak_rss_mb"]
+                                                 / results[(space, "darts1", 1)]["peak_rss_mb"], 3)}))  # fmt: skip
 
 
 if __name__ == "__main__":

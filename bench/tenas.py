@@ -9,7 +9,9 @@
 * ``regions``: one linear-region count of the same supernet over the 64 images, and of the
   reference's thin network (one C=1 cell) over 3,000 one-channel 3x3 crops;
 * ``prune``: wall time of ``oneshot.prune.prune("nb201", ...)`` at the reference sizes (NTK
-  network C=3, N=1, batch 72; 3,000 crops) with ``--num-inits`` initialisations (1).
+  network C=3, N=1, batch 72; 3,000 crops) with ``--num-inits`` initialisations (1), and, when
+  ``/work/shared/data/nb201_accuracy.csv`` is there, the benchmark's CIFAR-10 test accuracy of
+  the genotype it picks.
 
 Images: the 100 CIFAR-10 test images of ``/work/shared/data/cifar10_sample.npz`` if present
 (normalised with the CIFAR-10 statistics the reference uses), else Gaussian noise.
@@ -38,6 +40,7 @@ from oneshot.spaces import NB201Network
 
 ALL_OPS = {"weights": {"cell": [(1, 2, 3, 4)] * 6}}  # every NB201 op but `none`, every edge
 SAMPLE = Path("/work/shared/data/cifar10_sample.npz")
+ACCURACY = Path("/work/shared/data/nb201_accuracy.csv")
 CIFAR10_MEAN, CIFAR10_STD = (125.3, 123.0, 113.9), (63.0, 62.1, 66.7)  # reference, 0..255 scale
 
 
@@ -145,7 +148,24 @@ def main() -> None:
         result = prune("nb201", images, num_inits=args.num_inits)
         emit(bench="prune", space="nb201", ntk_batch=72, n_crops=3000, num_inits=args.num_inits,
              seconds=time.perf_counter() - start, genotype=str(result.genotype), evaluations=len(result.history),
-             images=source, threads=args.threads)  # fmt: skip
+             images=source, threads=args.threads, **benchmark_accuracy(str(result.genotype)))  # fmt: skip
+
+
+def benchmark_accuracy(arch: str) -> dict:
+    """NAS-Bench-201's CIFAR-10 test accuracy of ``arch`` and the share of the 15,625 cells it
+    beats, from ``/work/shared/data/nb201_accuracy.csv`` when present (bench only)."""
+    if not ACCURACY.is_file():
+        return {}
+    import csv
+
+    with ACCURACY.open() as f:
+        table = {row["arch"]: float(row["cifar10_test"]) for row in csv.DictReader(f)}
+    acc = table.get(arch)
+    if acc is None:
+        return {}
+    beats = sum(a < acc for a in table.values()) / len(table)
+    return {"nb201_cifar10_test": acc, "beats_fraction_of_space": round(beats, 4),
+            "best_in_space": max(table.values())}  # fmt: skip
 
 
 if __name__ == "__main__":

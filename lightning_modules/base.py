@@ -42,6 +42,28 @@ def all_reduce_mean(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return out
 
 
+def check_ranks_agree(module: torch.nn.Module, genotype) -> dict | None:
+    """After a DDP search, prove the ranks ended alike: every parameter (alphas, controller,
+    weights) against rank 0's, and every rank's derived genotype. Raises if they differ, since
+    a rank-dependent result would be silently wrong; returns what was measured (None in one
+    process)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return None
+    flat = torch.cat([p.detach().reshape(-1) for p in module.parameters()])
+    reference = flat.clone()
+    dist.broadcast(reference, src=0)
+    diff = (flat - reference).abs().max()
+    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+    genotypes = [None] * dist.get_world_size()
+    dist.all_gather_object(genotypes, str(genotype))
+    if len(set(genotypes)) > 1 or float(diff) > 1e-5:
+        raise RuntimeError(
+            f"DDP ranks disagree: parameters differ by up to {float(diff):.3g} from rank 0's, "
+            f"genotypes per rank: {genotypes}"
+        )
+    return {"world_size": dist.get_world_size(), "max_parameter_diff_across_ranks": float(diff)}
+
+
 class SearchModule(pl.LightningModule):
     """Base of the search strategies. Subclasses implement ``training_step``."""
 
@@ -54,11 +76,22 @@ class SearchModule(pl.LightningModule):
     def forward(self, x, weights=None):
         return self.supernet(x, weights)
 
+    #: Check the loss for NaN/inf on every N-th call. A check is a host-device sync: free on CPU,
+    #: a pipeline stall per step on a GPU. ``None``: every call on CPU, every 20th on accelerators.
+    finite_check_every: int | None = None
+
     def check_finite(self, loss: torch.Tensor, what: str) -> None:
-        # One host sync per step; the price of stopping before NaN reaches the weights.
-        if not math.isfinite(float(loss.detach())):
+        every = self.finite_check_every or (1 if loss.device.type == "cpu" else 20)
+        self._finite_calls = getattr(self, "_finite_calls", -1) + 1
+        if self._finite_calls % every:
+            return
+        # The price of stopping before NaN reaches the weights. Averaged over DDP ranks (NaN and
+        # inf survive the mean), so all ranks stop at the same step and none is left waiting in a
+        # collective for a rank that stopped (every rank counts its calls alike).
+        (value,) = all_reduce_mean([loss.detach().float().reshape(1)])
+        if not math.isfinite(float(value)):
             raise NonFiniteLossError(
-                f"{what} is {float(loss.detach())} at epoch {self.current_epoch}, step {self.global_step}; "
+                f"{what} is {float(value)} at epoch {self.current_epoch}, step {self.global_step}; "
                 "stopping (lower the learning rate or enable gradient clipping); the last good checkpoint is kept"
             )
 
@@ -85,6 +118,20 @@ class SearchModule(pl.LightningModule):
         rank_zero_info(f"epoch {self.current_epoch}: genotype {genotype}")
 
     def derive_genotype(self):
+        return self.supernet.genotype()
+
+    def architecture_probs(self) -> dict[str, list[tuple[str, dict[str, float]]]]:
+        """Per cell type, per edge: each candidate op's softmaxed alpha (what the pictures show)."""
+        out = {}
+        for t, probs in self.supernet.arch_weights().items():
+            names, cands = self.supernet.edge_names(t), self.supernet.candidates[t]
+            rows = probs.detach().float().cpu().tolist()
+            out[t] = [(names[e], dict(zip(cands[e], row))) for e, row in enumerate(rows)]
+        return out
+
+    def current_genotype(self):
+        """The genotype the current architecture parameters give; cheap, for per-epoch pictures
+        (``derive_genotype`` may be expensive in a subclass, e.g. ENAS' scored samples)."""
         return self.supernet.genotype()
 
     def on_save_checkpoint(self, checkpoint):

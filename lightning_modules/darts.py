@@ -15,6 +15,7 @@ with the Hessian-vector product by central finite differences (eq. 8 of the pape
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +28,20 @@ def _set_(params, values):
     with torch.no_grad():
         for p, v in zip(params, values):
             p.copy_(v)
+
+
+@contextmanager
+def frozen(params):
+    """Parameters that take no gradient inside the block: autograd then skips every product
+    that only they would need (in the weight step, one full-size multiply-and-sum per op)."""
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
 
 
 def unrolled_arch_gradient(model, arch_params, weight_params, train_batch, val_batch, xi, momentum=0.0,
@@ -99,7 +114,11 @@ class DartsSearch(SearchModule):
         if self.order == 1:
             x_v, y_v = val_batch
             loss_val = F.cross_entropy(self.supernet(x_v), y_v)
-            self.manual_backward(loss_val)  # DDP averages the alpha gradients here
+            # Only the alphas' gradient: autograd.grad skips every conv's weight gradient (a third
+            # of this backward). It bypasses DDP's hooks, so the average over ranks is explicit.
+            arch = self.supernet.arch_parameters()
+            for a, g in zip(arch, all_reduce_mean(torch.autograd.grad(loss_val, arch))):
+                a.grad = g
         else:
             group = w_opt.param_groups[0]
             weights = self.supernet.weight_parameters()
@@ -118,15 +137,14 @@ class DartsSearch(SearchModule):
     def weight_step(self, train_batch, w_opt):
         x, y = train_batch
         w_opt.zero_grad()
-        logits = self.supernet(x)
+        with frozen(self.supernet.arch_parameters()):  # this step needs no alpha gradient
+            logits = self.supernet(x)
         loss = F.cross_entropy(logits, y)
         self.check_finite(loss, "training loss")
         self.manual_backward(loss)
         if self.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.supernet.weight_parameters(), self.grad_clip)
         w_opt.step()
-        for a in self.supernet.arch_parameters():  # the weight backward also filled alpha grads
-            a.grad = None
         return loss, logits
 
     def training_step(self, batch, batch_idx):

@@ -34,6 +34,7 @@ from torch.optim.lr_scheduler import CosineAnnealingLR
 
 from lightning_modules.base import SearchModule, accuracy, all_reduce_mean
 from oneshot.controller import Controller, Reinforce
+from oneshot.spaces.darts import cell_edges
 
 # Streams of random draws, so a weight sample never reuses a controller sample's randomness.
 _WEIGHT_STREAM, _CONTROLLER_STREAM, _DERIVE_STREAM = 0, 1, 2
@@ -212,9 +213,37 @@ class EnasSearch(SearchModule):
         greedy = self.controller.most_likely()
         for d in greedy.decisions:
             self.log(f"prob/{d.name}", float(torch.softmax(d.logits, -1)[d.choice]))
+        for t, rows in self.architecture_probs(greedy).items():  # the heatmaps' source (plots.py)
+            for row, probs in rows:
+                for op, p in probs.items():
+                    self.log(f"policy/{t}/{row}/{op}", p)
         self.log("arch/entropy", float(greedy.entropy) / len(greedy.decisions))
         self.genotypes.append(str(greedy.genotype))
         rank_zero_info(f"epoch {self.current_epoch}: most likely genotype {greedy.genotype}")
+
+    def architecture_probs(self, greedy=None) -> dict[str, list[tuple[str, dict[str, float]]]]:
+        """The policy's most likely path, per op decision (NB201: an edge, ``2<-1``; DARTS: a
+        node's first or second op, ``3/op0``, on the input the path chose): each candidate op's
+        probability. ENAS' counterpart of the softmaxed alphas, drawn as the same heatmap."""
+        greedy = greedy or self.controller.most_likely()
+        out: dict[str, list] = {}
+        inputs, edges = {}, cell_edges(self.controller.steps) if self.controller.space == "darts" else None
+        for d in greedy.decisions:
+            t, rest = d.name.split("/", 1)
+            if edges is None:  # NB201: one op decision per edge, in the supernet's edge order
+                e, row = len(out.get(t, [])), rest.removesuffix("/op")
+            else:
+                node, slot = rest.split("/")
+                if slot.startswith("input"):
+                    inputs[(t, node, slot[5:])] = d.choice
+                    continue
+                e, row = edges.index((int(node), inputs[(t, node, slot[2:])])), rest
+            probs = torch.softmax(d.logits.detach().float(), -1).cpu().tolist()
+            out.setdefault(t, []).append((row, dict(zip(self.supernet.candidates[t][e], probs))))
+        return out
+
+    def current_genotype(self):
+        return self.controller.most_likely().genotype
 
     def score(self, weights: dict, batches) -> float:
         """Accuracy of the architecture ``weights`` over ``batches`` with the shared weights."""

@@ -5,7 +5,8 @@ directory. Each stage reads only files an earlier one wrote.
 Run directory::
 
     config.yaml                 resolved config
-    checkpoints/last.ckpt ...   search checkpoints (resume with ckpt_path=last)
+    checkpoints/last.ckpt ...   search checkpoints (resume with ckpt_path=last); none for strategy=tenas
+    warmstart.json, .csv        TE-NAS prune history (warmstart=tenas; tenas.json/.csv for strategy=tenas)
     metrics.csv                 search metrics (+ wandb/ with logger=wandb)
     genotype.txt, genotype.json the derived architecture
     retrain/                    checkpoints, metrics.csv, network.pt, report.json of the retraining
@@ -22,7 +23,10 @@ import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.utilities import rank_zero_only
 
+from lightning_modules.base import check_ranks_agree
+from lightning_modules.pictures import ArchitecturePictures, finish_pictures
 from lightning_modules.retrain import Retrain
 from lightning_modules.runs import (
     atomic_write_json,
@@ -69,11 +73,16 @@ def search(cfg: DictConfig) -> dict:
     module = instantiate(cfg.strategy, supernet=supernet, _convert_="partial")
     loggers = make_loggers(cfg, run_dir)
     start = time.perf_counter()
+    draw = _draw_pictures(cfg)
     try:
-        trainer = make_trainer(cfg.trainer, run_dir, loggers)
-        trainer.fit(module, datamodule=datamodule, ckpt_path=_ckpt(cfg, run_dir))
+        trainer = make_trainer(cfg.trainer, run_dir, loggers, callbacks=[ArchitecturePictures(run_dir)] if draw else [])
+        if getattr(module, "training_free", False):  # TE-NAS: the search is a prune; no fit, no checkpoints
+            module.search_without_training(datamodule, run_dir)
+        else:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=_ckpt(cfg, run_dir))
         search_seconds = time.perf_counter() - start
         genotype = module.derive_genotype()
+        ranks = check_ranks_agree(module, genotype)  # DDP: every rank derived the same
         report = {
             "genotype": str(genotype),
             "space": genotype.space,
@@ -82,6 +91,7 @@ def search(cfg: DictConfig) -> dict:
             "supernet_weight_parameters": supernet.num_weight_parameters(),
             "genotypes_per_epoch": list(module.genotypes),
             "warmstart": warmstart_report,
+            **({"ddp": ranks} if ranks else {}),
         }
         if trainer.is_global_zero:
             atomic_write_text(run_dir / "genotype.txt", str(genotype) + "\n")
@@ -90,11 +100,15 @@ def search(cfg: DictConfig) -> dict:
         log.info("derived genotype: %s", genotype)
         if cfg.retrain.enabled:
             network_kwargs = OmegaConf.to_container(cfg.space.network, resolve=True)
-            report["retrain"] = retrain_genotype(genotype, cfg, run_dir / "retrain", network_kwargs, loggers)
+            retrain_dir = run_dir / "retrain"  # a resumed search resumes its retraining too
+            report["retrain"] = retrain_genotype(genotype, cfg, retrain_dir, network_kwargs, loggers, _ckpt(cfg, retrain_dir))
             if trainer.is_global_zero:
                 atomic_write_json(run_dir / "report.json", report)
-    finally:
-        _finish(loggers)
+        finish_pictures(loggers, run_dir, report, draw=draw)
+    except BaseException:
+        _finish(loggers, exit_code=1)
+        raise
+    _finish(loggers)
     _print_summary(report, run_dir)
     return report
 
@@ -108,8 +122,11 @@ def retrain(cfg: DictConfig) -> dict:
         network_kwargs = {k: v for k, v in OmegaConf.to_container(cfg.network, resolve=True).items() if v is not None}
         report = {"genotype": str(genotype), "space": genotype.space}
         report["retrain"] = retrain_genotype(genotype, cfg, run_dir, network_kwargs, loggers, _ckpt(cfg, run_dir))
-    finally:
-        _finish(loggers)
+        finish_pictures(loggers, run_dir, report, draw=_draw_pictures(cfg))
+    except BaseException:
+        _finish(loggers, exit_code=1)
+        raise
+    _finish(loggers)
     _print_summary(report, run_dir)
     return report
 
@@ -130,7 +147,8 @@ def retrain_genotype(genotype, cfg, out_dir: Path, network_kwargs: dict, loggers
         network, optimizer=instantiate(rcfg.optimizer), lr_min=rcfg.lr_min,
         auxiliary_weight=rcfg.auxiliary_weight, drop_path_prob=rcfg.drop_path_prob,
     )  # fmt: skip
-    trainer_cfg = OmegaConf.merge(cfg.trainer, rcfg.trainer)
+    # Not struct: retrain.trainer may set Trainer arguments that the search's trainer leaves out.
+    trainer_cfg = OmegaConf.merge(OmegaConf.to_container(cfg.trainer, resolve=True), rcfg.trainer)
     retrain_loggers = make_loggers(cfg, out_dir, wandb_from=loggers)
     trainer = make_trainer(trainer_cfg, out_dir, retrain_loggers, gradient_clip_val=rcfg.grad_clip or None)
     start = time.perf_counter()
@@ -171,12 +189,23 @@ def _ckpt(cfg, run_dir: Path):
     return ckpt
 
 
-def _finish(loggers) -> None:
+def _draw_pictures(cfg) -> bool:
+    """``logger.pictures`` (conf/logger/*.yaml): heatmaps and cell pictures in RUN_DIR/plots."""
+    return bool((cfg.get("logger") or {}).get("pictures", True))
+
+
+def _finish(loggers, exit_code: int = 0) -> None:
+    """End the W&B run, marked failed (``exit_code=1``) when the stage raised; an offline run
+    says how to upload it."""
     for lg in loggers or []:
         if type(lg).__name__ == "WandbLogger":
             import wandb
 
-            wandb.finish()
+            run = lg._experiment  # None if nothing was logged: then there is no run to end
+            offline = run is not None and getattr(run.settings, "mode", "") == "offline"
+            wandb.finish(exit_code=exit_code)
+            if offline and rank_zero_only.rank == 0:
+                log.info("W&B run saved offline; upload it with: wandb sync %s", Path(run.dir).parent)
 
 
 def _print_summary(report: dict, run_dir: Path) -> None:

@@ -8,18 +8,24 @@ from __future__ import annotations
 
 import csv
 import datetime
+import io
 import json
 import logging
 import os
+import random
+import socket
 import sys
 import tempfile
+import urllib.parse
+import warnings
 from pathlib import Path
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from lightning_fabric.loggers.logger import rank_zero_experiment
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar, TQDMProgressBar
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint, RichProgressBar, TQDMProgressBar
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 from pytorch_lightning.plugins.io import TorchCheckpointIO
@@ -73,12 +79,87 @@ class _AppendingWriter(ExperimentWriter):
             with open(self.metrics_file_path, newline="") as f:
                 self.metrics_keys = sorted(next(csv.reader(f), []))
 
+    def save(self) -> None:
+        """Lightning appends rows in place, so a kill mid-write leaves a torn last row; here the
+        file is rewritten whole through a temporary file (metrics files are small)."""
+        if not self.metrics:
+            return
+        rows = []
+        if os.path.isfile(self.metrics_file_path):
+            with open(self.metrics_file_path, newline="") as f:
+                rows = list(csv.DictReader(f))
+        self._record_new_keys()
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=self.metrics_keys)
+        writer.writeheader()
+        writer.writerows(rows + self.metrics)
+        atomic_write_text(self.metrics_file_path, out.getvalue())
+        self.metrics = []
+
+    def forget_from_epoch(self, epoch: int) -> None:
+        """Drop rows of epochs >= ``epoch``: what a killed run logged after its last checkpoint,
+        which the resumed run logs again."""
+        if not os.path.isfile(self.metrics_file_path):
+            return
+        with open(self.metrics_file_path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        kept = [r for r in rows if not r.get("epoch") or int(float(r["epoch"])) < epoch]
+        if len(kept) < len(rows):
+            out = io.StringIO()
+            writer = csv.DictWriter(out, fieldnames=self.metrics_keys)
+            writer.writeheader()
+            writer.writerows(kept)
+            atomic_write_text(self.metrics_file_path, out.getvalue())
+
+
+class RNGState(Callback):
+    """Keeps the global RNG states (torch, CUDA, numpy, random) in every checkpoint and restores
+    them when a run resumes: augmentation draws from them, so a resumed run repeats the draws
+    of an uninterrupted one (the data order is seeded separately, see ``oneshot.data``).
+
+    Restored at ``on_train_start``, the last moment before the first batch, so that nothing
+    Lightning does after loading the checkpoint can shift it. That is exact because between
+    saving at an epoch's end and the next epoch's first batch an uninterrupted run draws
+    nothing: the data loaders draw from their own generators (``oneshot.data``). At the same
+    moment ``metrics.csv`` forgets the rows a killed run logged after its last checkpoint."""
+
+    def __init__(self):
+        self._pending = None
+
+    def state_dict(self) -> dict:
+        np_state = np.random.get_state(legacy=False)  # plain types: loads with weights_only=True
+        np_state["state"]["key"] = np_state["state"]["key"].tolist()
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+        return {"torch": torch.get_rng_state(), "cuda": cuda, "numpy": np_state, "random": random.getstate()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._pending = state_dict
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        for lg in trainer.loggers:
+            if isinstance(lg, RunCSVLogger) and trainer.is_global_zero:
+                lg.experiment.forget_from_epoch(trainer.current_epoch)
+        if self._pending is None:
+            return
+        state, self._pending = self._pending, None
+        torch.set_rng_state(state["torch"])
+        if state["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+        np_state = state["numpy"]
+        np_state["state"]["key"] = np.asarray(np_state["state"]["key"], dtype=np.uint32)
+        np.random.set_state(np_state)
+        random.setstate(state["random"])
+
 
 class RunCSVLogger(CSVLogger):
     """``metrics.csv`` directly in the run directory, kept across resumes."""
 
     def __init__(self, run_dir: Path):
         super().__init__(save_dir=str(run_dir), name="", version="")
+
+    @rank_zero_only
+    def after_save_checkpoint(self, checkpoint_callback) -> None:
+        self.save()  # the metrics up to a checkpoint survive a kill, as the checkpoint does
 
     @property
     @rank_zero_experiment
@@ -101,24 +182,66 @@ def resolve_run_dir(cfg: DictConfig) -> Path:
         else:
             stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S-%f")
             run_dir = Path("outputs") / cfg.get("name", "run") / stamp
+    if rank_zero_only.rank == 0:  # the other DDP ranks start after rank 0 wrote here
+        refuse_to_overwrite(run_dir, cfg.get("ckpt_path"))
     run_dir.mkdir(parents=True, exist_ok=True)
     if rank_zero_only.rank == 0:
         atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     return run_dir
 
 
-def _wandb_mode(requested: str) -> str:
+# What marks a directory as holding a run: a started search or retraining, or its results.
+RUN_OUTPUTS = ("report.json", "genotype.txt", "network.pt", "checkpoints/last.ckpt")
+
+
+def refuse_to_overwrite(run_dir: Path, ckpt_path) -> None:
+    """A new run never overwrites an earlier one; ``ckpt_path`` set means "continue it"."""
+    found = [name for name in RUN_OUTPUTS if (run_dir / name).exists()]
+    if found and not ckpt_path:
+        raise ValueError(
+            f"run directory {run_dir} already holds a run ({', '.join(found)}); continue it with "
+            "ckpt_path=last, or give a new directory (run_dir=... or hydra.run.dir=...)"
+        )
+
+
+def _wandb_mode(requested: str) -> tuple[str, str]:
+    """``(mode, reason)``: ``auto`` is online when logged in and the W&B server answers, offline
+    otherwise (an online run without network would stall in ``wandb.init`` for minutes)."""
     if requested != "auto":
-        return requested
+        return requested, "logger.wandb.mode"
     if os.environ.get("WANDB_MODE"):
-        return os.environ["WANDB_MODE"]
+        return os.environ["WANDB_MODE"], "WANDB_MODE"
     try:
         import wandb
 
         logged_in = bool(os.environ.get("WANDB_API_KEY") or wandb.api.api_key)
     except Exception:
         logged_in = False
-    return "online" if logged_in else "offline"
+    if not logged_in:
+        return "offline", "no API key"
+    url = urllib.parse.urlsplit(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai")
+    if not any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy")):
+        try:  # behind a proxy a direct connection proves nothing; wandb's own retries decide there
+            socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), 3).close()
+        except OSError:
+            return "offline", f"{url.hostname} unreachable"
+    return "online", "logged in"
+
+
+def _sweep_names(cfg: DictConfig) -> dict:
+    """Under ``-m`` the jobs of one Hydra sweep share a W&B group (the sweep directory's name)
+    and each is named by its overrides; single runs keep W&B's names."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+            return {}
+        hc = HydraConfig.get()
+    except Exception:  # a Hydra without the mode field: no grouping, nothing else changes
+        return {}
+    sweep = Path(hc.runtime.output_dir).parent.name
+    return {"group": f"{cfg.get('name', 'run')}-{sweep}", "name": hc.job.override_dirname or f"job{hc.job.num}"}
 
 
 def make_loggers(cfg: DictConfig, run_dir: Path, wandb_from=None) -> list:
@@ -136,11 +259,14 @@ def make_loggers(cfg: DictConfig, run_dir: Path, wandb_from=None) -> list:
             return [*loggers, lg]
     from pytorch_lightning.loggers import WandbLogger
 
-    mode = _wandb_mode(wcfg.get("mode", "auto"))
+    mode, why = _wandb_mode(wcfg.get("mode", "auto"))
+    sweep = _sweep_names(cfg)
     wandb_logger = WandbLogger(
         project=wcfg.get("project", "oneshot"),
         entity=wcfg.get("entity"),
-        group=wcfg.get("group"),
+        group=wcfg.get("group") or sweep.get("group"),
+        name=wcfg.get("name") or sweep.get("name"),
+        job_type=cfg.get("name"),
         tags=list(wcfg.get("tags") or []),
         mode=mode,
         save_dir=str(run_dir),
@@ -148,19 +274,25 @@ def make_loggers(cfg: DictConfig, run_dir: Path, wandb_from=None) -> list:
         config=OmegaConf.to_container(cfg, resolve=True),
     )
     if mode == "offline":
-        log.info("W&B is offline (no API key); upload later with: wandb sync %s/wandb/offline-run-*", run_dir)
+        log.info("W&B is offline (%s); upload later with: wandb sync %s/wandb/offline-run-*", why, run_dir)
     return [*loggers, wandb_logger]
 
 
-def make_trainer(trainer_cfg: DictConfig, run_dir: Path, loggers, **extra) -> pl.Trainer:
+def make_trainer(trainer_cfg: DictConfig, run_dir: Path, loggers, callbacks=(), **extra) -> pl.Trainer:
     kwargs = OmegaConf.to_container(trainer_cfg, resolve=True)
     kwargs.update(extra)
     callbacks = [
         ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=True, save_top_k=-1, every_n_epochs=1,
                         filename="epoch={epoch:03d}", auto_insert_metric_name=False),
-        RichProgressBar() if sys.stderr.isatty() else TQDMProgressBar(refresh_rate=20),
+        RNGState(),
+        *callbacks,
     ]  # fmt: skip
+    if kwargs.get("enable_progress_bar", True):  # +trainer.enable_progress_bar=false: no bar at all
+        callbacks.append(RichProgressBar() if sys.stderr.isatty() else TQDMProgressBar(refresh_rate=20))
     strategy = kwargs.pop("strategy", "auto")
+    # Architecture values (alphas, probabilities, entropy) are logged per epoch without
+    # sync_dist: they are equal on every rank, so Lightning's advice to reduce them is noise.
+    warnings.filterwarnings("ignore", message=r".*sync_dist=True.*when logging on epoch level")
     if strategy == "ddp":
         from pytorch_lightning.strategies import DDPStrategy
 

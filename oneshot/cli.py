@@ -40,8 +40,40 @@ def _user_error(exc: BaseException) -> BaseException | None:
     return None
 
 
+def _one_run_dir_for_all_ranks(cfg: DictConfig) -> None:
+    """Lightning's DDP launcher starts each extra rank as this command again, with
+    ``sys.argv[1:]`` plus ``hydra.run.dir=<hydra.run.dir>``. Make both mean this job: the run
+    directory Hydra resolved (not the pattern), and this job's own overrides instead of a
+    ``-m`` sweep, which a rank would otherwise rerun whole. So every rank uses one directory.
+
+    Ranks started by torchrun or srun are separate Hydra runs, each resolving the default
+    ``outputs/<name>/<now>`` itself, so they need the directory spelled out."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import open_dict, read_write
+
+    if not HydraConfig.initialized():
+        return
+    hydra_cfg = HydraConfig.get()
+    external = int(os.environ.get("WORLD_SIZE", 1)) > 1 and "LOCAL_RANK" in os.environ
+    external = external or int(os.environ.get("SLURM_STEP_NUM_TASKS", 1)) > 1  # under srun
+    pinned = cfg.get("run_dir") or any(o.startswith("hydra.run.dir=") for o in hydra_cfg.overrides.hydra)
+    if external and not pinned and hydra_cfg.mode == RunMode.RUN:
+        raise ValueError(
+            "processes started by torchrun/srun must share one run directory: add "
+            "hydra.run.dir=<dir> (e.g. outputs/search/$SLURM_JOB_ID) to the command"
+        )
+    if os.environ.get("LOCAL_RANK", "0") != "0":
+        return
+    with read_write(hydra_cfg), open_dict(hydra_cfg):
+        hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        sys.argv = [sys.argv[0], *hydra_cfg.overrides.task]
+
+
 def _run(fn, cfg: DictConfig):
     try:
+        _one_run_dir_for_all_ranks(cfg)
         return fn(cfg)
     except Exception as exc:
         err = _user_error(exc)

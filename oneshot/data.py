@@ -27,7 +27,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from pytorch_lightning.utilities.combined_loader import CombinedLoader
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 log = logging.getLogger(__name__)
 
@@ -377,6 +377,21 @@ def sample_batch(
     return BatchTransform(s.mean, s.std)((x[:n], y[:n]))
 
 
+def shard_sampler(ds: Dataset, world: int, rank: int, seed: int) -> DistributedSampler:
+    """The training order: a permutation seeded by ``seed`` and the epoch (Lightning calls
+    ``set_epoch``), process ``rank`` taking every ``world``-th index of it.
+
+    So the order depends only on (seed, epoch), never on the global RNG: a resumed run replays
+    it, and step i's batch of size B/world on rank r holds permutation[i*B + r :: world] of
+    step i's batch of size B in one process; the ranks' batches are exactly the single
+    process's. ``drop_last`` trims to a multiple of ``world`` instead of repeating images.
+    Used in one process too (``world=1``), which is what makes the two orders the same.
+    """
+    return DistributedSampler(
+        ds, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True
+    )
+
+
 class _ImageDataModule(pl.LightningDataModule):
     """What search and retraining share: dataset options (in ``hparams``), ``info``, loaders."""
 
@@ -395,24 +410,34 @@ class _ImageDataModule(pl.LightningDataModule):
         # Lightning calls this on one process per node before setup: the place to download.
         load_splits(self.hparams.name, **self.options)
 
+    def world_and_rank(self) -> tuple[int, int]:
+        """(processes, this one's global rank) of the trainer this module is attached to."""
+        trainer = self.trainer
+        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+
     def _train_images(self):
         self.splits = load_splits(self.hparams.name, **self.options)
         return self.splits.x_train[: self.hparams.limit], self.splits.y_train[: self.hparams.limit]
 
-    def _loader(self, ds, train: bool, cutout=0):
+    def _loader(self, ds, train: bool, cutout=0, stream=0):
         s, entry, h = self.splits, get_entry(self.hparams.name), self.hparams
         transform = BatchTransform(s.mean, s.std)
         if train and h.augment:
             pad = entry.pad if entry.pad is not None else s.x_train.shape[-1] // 8
             transform = BatchTransform(s.mean, s.std, pad, entry.flip, cutout)
-        if train and len(ds) < h.batch_size:
+        world, rank = self.world_and_rank()
+        if train and len(ds) // world < h.batch_size:
             raise ValueError(
-                f"{len(ds)} training images < batch_size={h.batch_size}: lower it or raise limit"
+                f"{len(ds)} training images < batch_size={h.batch_size} x {world} processes: "
+                "lower it or raise limit"
             )
         return DataLoader(
             ds,
-            batch_size=h.batch_size,
-            shuffle=train,
+            batch_size=h.batch_size,  # per process, as everywhere in Lightning
+            sampler=shard_sampler(ds, world, rank, h.seed + stream * 2**32) if train else None,
+            # Its own generator for the iterator's base seed, so that making an iterator never
+            # draws from the global RNG, whose state a resumed run restores (see runs.RNGState).
+            generator=torch.Generator().manual_seed(h.seed),
             drop_last=train,  # every step sees a full batch: equal work on every DDP rank
             num_workers=h.num_workers,
             collate_fn=transform,
@@ -462,7 +487,9 @@ class SearchDataModule(_ImageDataModule):
         self.arch_set = InMemoryImages(x[arch], y[arch])
 
     def train_dataloader(self):
-        train, val = (self._loader(ds, train=True) for ds in (self.weight_set, self.arch_set))
+        # Seeds 2**32 apart: the halves' orders never repeat each other's (the sampler adds the epoch).
+        train = self._loader(self.weight_set, train=True, stream=0)
+        val = self._loader(self.arch_set, train=True, stream=1)
         return CombinedLoader({"train": train, "val": val}, mode="max_size_cycle")
 
     def val_dataloader(self):

@@ -2,7 +2,9 @@
 
 NB201 (Dong & Yang 2020): the argmax op of every edge, `none` included (the benchmark has it).
 DARTS (Liu et al. 2019, sec. 2.4): for every intermediate node keep the two incoming edges whose
-strongest non-`none` op has the largest softmax weight, and on each that op.
+strongest non-`none` op has the largest softmax weight, and on each that op. With PC-DARTS' edge
+normalisation (Xu et al. 2020, sec. 3.2) an edge's strength is its beta weight (softmax over the
+node's incoming edges) times that op weight.
 """
 
 from __future__ import annotations
@@ -26,6 +28,18 @@ def derive_nb201(alphas, candidates: Sequence[Sequence[str]]) -> NB201Genotype:
     ops = [candidates[e][int(probs[e].argmax())] for e in range(len(candidates))]
     n_nodes = int(round((1 + (1 + 8 * len(ops)) ** 0.5) / 2))  # n(n-1)/2 edges
     return NB201Genotype.from_edge_ops(ops, n_nodes)
+
+
+def edge_softmax(betas: torch.Tensor, steps: int) -> torch.Tensor:
+    """PC-DARTS edge normalisation: ``betas`` holds one logit per edge (in ``cell_edges`` order);
+    each node's incoming edges get a softmax of their own, so every node's edge weights sum to 1."""
+    out, start = [], 0
+    for node in range(steps):
+        out.append(torch.softmax(betas[start : start + node + 2], dim=-1))
+        start += node + 2
+    if start != betas.shape[0]:
+        raise ValueError(f"{betas.shape[0]} edge logits do not fit a {steps}-node DARTS cell ({start} edges)")
+    return torch.cat(out)
 
 
 def _darts_cell(probs: torch.Tensor, candidates, steps: int):
@@ -52,11 +66,20 @@ def _darts_cell(probs: torch.Tensor, candidates, steps: int):
 
 
 def derive_darts(alphas_normal, alphas_reduce, candidates_normal, candidates_reduce, steps: int = 4,
-                 multiplier: int = 4) -> DartsGenotype:  # fmt: skip
+                 multiplier: int = 4, betas_normal=None, betas_reduce=None) -> DartsGenotype:  # fmt: skip
+    """``betas_*``: PC-DARTS edge-normalisation logits (one per edge), or ``None`` without it."""
     concat = tuple(range(2 + steps - multiplier, steps + 2))
+
+    def probs(alphas, betas):
+        p = _as_probs(alphas)
+        if betas is None:
+            return p
+        betas = torch.as_tensor(betas, dtype=torch.float64).detach().cpu()
+        return p * edge_softmax(betas, steps)[:, None]
+
     return DartsGenotype(
-        normal=_darts_cell(_as_probs(alphas_normal), candidates_normal, steps),
+        normal=_darts_cell(probs(alphas_normal, betas_normal), candidates_normal, steps),
         normal_concat=concat,
-        reduce=_darts_cell(_as_probs(alphas_reduce), candidates_reduce, steps),
+        reduce=_darts_cell(probs(alphas_reduce, betas_reduce), candidates_reduce, steps),
         reduce_concat=concat,
     )

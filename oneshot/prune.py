@@ -85,15 +85,17 @@ class TenasSpace:
     ntk_batch: int = 72
 
 
-def nb201_space(
-    C: int = 3, N: int = 1, num_classes: int = 10, primitives=NB201_PRIMITIVES
-) -> TenasSpace:
+def nb201_space(C: int = 3, N: int = 1, num_classes: int = 10, primitives=NB201_PRIMITIVES,
+                in_channels: int = 3, candidates: dict | None = None) -> TenasSpace:  # fmt: skip
     """NB201: the NTK on the skeleton at C=3, N=1; regions on one stem-less C=1 cell; one op
-    per edge per round, batch 72 (``prune_launch.py``)."""
-    cands = {"cell": [tuple(primitives)] * len(EDGES)}
+    per edge per round, batch 72 (``prune_launch.py``). ``candidates``: a supernet's own
+    per-edge op lists instead of ``primitives`` on every edge."""
+    cands = {
+        "cell": [tuple(c) for c in (candidates or {}).get("cell") or [primitives] * len(EDGES)]
+    }
     return TenasSpace(
         cands,
-        partial(nb201_ntk_network, cands, C, N, num_classes),
+        partial(nb201_ntk_network, cands, C, N, num_classes, in_channels),
         partial(NB201SingleCell, cands, 1, num_classes),
         [f"{t}<-{s}" for t, s in EDGES],
         genotype=lambda ops: NB201Genotype.from_edge_ops(ops["cell"]),
@@ -103,13 +105,17 @@ def nb201_space(
 
 
 def darts_space(C: int = 1, num_classes: int = 10, steps: int = 4, multiplier: int = 4, stem_multiplier: int = 1,
-                primitives=DARTS_PRIMITIVES, ops_per_round: int = 3, ntk_batch: int = 14) -> TenasSpace:  # fmt: skip
+                primitives=DARTS_PRIMITIVES, ops_per_round: int = 3, ntk_batch: int = 14, in_channels: int = 3,
+                candidates: dict | None = None) -> TenasSpace:  # fmt: skip
     """DARTS: both metrics on ``DartsMetricNet`` (C=1; the regions copy has no stem and one input
     channel); CIFAR-10 settings: three ops per edge per round, batch 14 (ImageNet: 2 and 24).
     Our ``SearchCell`` keeps the DARTS supernet's non-affine BN and its BN after pools; the
     reference's cells have affine BN and no BN after pools, so its NTK also spans BN weights."""
     edges = cell_edges(steps)
-    cands = {t: [tuple(primitives)] * len(edges) for t in ("normal", "reduce")}
+    cands = {
+        t: [tuple(c) for c in (candidates or {}).get(t) or [primitives] * len(edges)]
+        for t in ("normal", "reduce")
+    }
     concat = tuple(range(2 + steps - multiplier, steps + 2))
 
     def genotype(ops):
@@ -128,7 +134,7 @@ def darts_space(C: int = 1, num_classes: int = 10, steps: int = 4, multiplier: i
     }
     return TenasSpace(
         cands,
-        partial(DartsMetricNet, cands, **sizes),
+        partial(DartsMetricNet, cands, in_channels=in_channels, **sizes),
         partial(DartsMetricNet, cands, in_channels=1, stem=False, **sizes),
         [f"{t}<-{s}" for t, s in edges],
         genotype=genotype,
@@ -141,6 +147,23 @@ def darts_space(C: int = 1, num_classes: int = 10, steps: int = 4, multiplier: i
 
 
 TENAS_SPACES: dict[str, Callable[..., TenasSpace]] = {"nb201": nb201_space, "darts": darts_space}
+
+
+def max_keep(space: TenasSpace) -> int:
+    """The most ops an edge can keep: the fewest candidates besides ``none`` on any edge."""
+    return min(
+        len([op for op in c if op != "none"]) for cs in space.candidates.values() for c in cs
+    )
+
+
+def check_keep(keep, space: TenasSpace, name: str = "keep") -> None:
+    """One clear error for an impossible ``keep``, naming it and the valid range."""
+    top = max_keep(space)
+    if isinstance(keep, bool) or not isinstance(keep, int) or not 1 <= keep <= top:
+        raise ValueError(
+            f"{name}={keep!r} is out of range; valid: 1..{top} (ops per edge to keep; "
+            f"every edge has {top} candidates besides 'none')"
+        )
 
 
 def relative_change(before: float, after: float) -> float:
@@ -289,15 +312,14 @@ def prune(space: str | TenasSpace = "nb201", images: torch.Tensor | None = None,
     regions on ``n_crops`` one-channel ``crop_size`` crops. Deterministic given ``seed``."""
     if isinstance(space, str):
         space = TENAS_SPACES[space](**space_kwargs)
-    if images is None or keep < 1:
-        raise ValueError("prune needs real images and keep >= 1")
+    if images is None:
+        raise ValueError("prune needs real training images")
     names, per_round = space.candidates, ops_per_round or space.ops_per_round
     alive = {
         t: [tuple(i for i, op in enumerate(c) if op != "none") for c in cands]
         for t, cands in names.items()
     }
-    if min(len(a) for edges in alive.values() for a in edges) < keep:
-        raise ValueError(f"cannot keep {keep} ops on an edge with fewer candidates besides 'none'")
+    check_keep(keep, space)
     batch, crops = (
         sample_images(images, ntk_batch or space.ntk_batch, seed),
         random_crops(images, n_crops, crop_size, seed),

@@ -48,3 +48,17 @@ def test_derivation_works_on_pruned_candidates():
     alphas = torch.tensor([[0.0, 1.0], [1.0, 0.0]] * 3)
     g = derive_nb201(alphas, cands)
     assert g.edge_ops == ("skip_connect", "none") * 3
+
+
+def test_darts_derivation_weighs_edges_by_pc_darts_betas():
+    steps, ops = 2, ("none", "sep_conv_3x3", "skip_connect")
+    cands = [ops] * 5  # node 2 <- {0, 1}; node 3 <- {0, 1, 2}
+    alphas = torch.zeros(5, 3)
+    alphas[2, 1] = alphas[3, 1] = 2.0  # node 3: inputs 0 and 1 have the strongest ops
+    plain = derive_darts(alphas, alphas, cands, cands, steps, 2)
+    assert {j for _, j in plain.normal[2:]} == {0, 1}
+    betas = torch.zeros(5)
+    betas[2] = -5.0  # ... but edge 3<-0 is nearly switched off by its beta
+    normed = derive_darts(alphas, alphas, cands, cands, steps, 2, betas, betas)
+    assert {j for _, j in normed.normal[2:]} == {1, 2}
+    assert normed.normal[:2] == plain.normal[:2]

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+from hydra.utils import get_class
 
 import oneshot
 from oneshot.genotypes import parse
@@ -13,6 +14,11 @@ CONF = Path(oneshot.__file__).parent.parent / "conf"
 STRATEGIES = sorted(p.stem for p in (CONF / "strategy").glob("*.yaml"))
 SPACES = sorted(p.stem for p in (CONF / "space").glob("*.yaml"))
 FAST = ["+trainer.fast_dev_run=true", "data=digits", "data.batch_size=8"]
+# A training-free strategy (TE-NAS) searches by pruning: tiny metric sizes, and on DARTS a 2-node
+# cell of 3 live ops, make that seconds (tests/test_warmstart.py covers it further).
+TINY = {"tenas": ["strategy.num_inits=1", "strategy.n_crops=100", "strategy.ntk_batch=8", "strategy.images=200"]}
+TINY_SPACE = {("tenas", "darts"): ["+space.supernet.steps=2", "+space.supernet.multiplier=2",
+                                   "+space.supernet.primitives=[none,skip_connect,sep_conv_3x3,avg_pool_3x3]"]}  # fmt: skip
 
 
 def compose(overrides, name="search"):
@@ -22,14 +28,16 @@ def compose(overrides, name="search"):
 @pytest.mark.parametrize("space", SPACES)
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_fast_dev_run_every_strategy_and_space(strategy, space, tmp_path):
-    cfg = compose([f"strategy={strategy}", f"space={space}", f"run_dir={tmp_path}", *FAST])
+    tiny = [*TINY.get(strategy, []), *TINY_SPACE.get((strategy, space), [])]
+    cfg = compose([f"strategy={strategy}", f"space={space}", f"run_dir={tmp_path}", *FAST, *tiny])
     report = oneshot.search(cfg)
     genotype = parse((tmp_path / "genotype.txt").read_text())
     assert str(genotype) == report["genotype"] and genotype.space == space
     assert parse(json.dumps(json.loads((tmp_path / "genotype.json").read_text()))) == genotype
     assert json.loads((tmp_path / "report.json").read_text())["retrain"]["test_acc"] is not None
     assert (tmp_path / "config.yaml").read_text().count(f"name: {space}") == 1
-    assert (tmp_path / "checkpoints" / "last.ckpt").exists()
+    trains = not getattr(get_class(cfg.strategy._target_), "training_free", False)
+    assert (tmp_path / "checkpoints" / "last.ckpt").exists() == trains
     assert (tmp_path / "retrain" / "network.pt").exists()
 
 

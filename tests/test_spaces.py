@@ -154,3 +154,51 @@ def test_same_input_twice_is_a_mask_of_both_ops():
     g = G.DartsGenotype(cell, (2, 3, 4, 5), cell, (2, 3, 4, 5))
     w = DartsSupernet(C=4, layers=3).weights_for(g)
     assert w["normal"][0] == (4, 3) and w["normal"][1] is None
+
+
+def test_pc_darts_betas_are_arch_parameters_and_get_gradients():
+    net = DartsSupernet(C=8, layers=3, partial_channels=4)
+    assert net.edge_normalization and set(net.betas) == {"normal", "reduce"}
+    arch, weights = net.arch_parameters(), net.weight_parameters()
+    ids_a, ids_w = {id(p) for p in arch}, {id(p) for p in weights}
+    assert {id(b) for b in net.betas.values()} <= ids_a and not ids_a & ids_w
+    assert ids_a | ids_w == {id(p) for p in net.parameters()}
+    assert any(k.startswith("betas.") for k in net.state_dict())
+    net(torch.randn(2, 3, 16, 16)).sum().backward()
+    assert all(b.grad is not None and b.grad.abs().sum() > 0 for b in net.betas.values())
+
+
+def test_pc_darts_edge_weights_scale_each_edge_output():
+    """Default forward == the cells computed by hand with beta-scaled edges."""
+    net = DartsSupernet(C=8, layers=3, partial_channels=4).eval()
+    with torch.no_grad():
+        for b in net.betas.values():
+            b.copy_(torch.randn_like(b))
+    x = torch.randn(2, 3, 16, 16)
+    weights, edge_weights = net.arch_weights(), net.edge_weights()
+    for t, w in edge_weights.items():  # a softmax per node over its incoming edges
+        start = 0
+        for node in range(net.steps):
+            torch.testing.assert_close(w[start : start + node + 2].sum(), torch.tensor(1.0))
+            start += node + 2
+    s0 = s1 = net.stem(x)
+    for cell in net.cells:
+        t = "reduce" if cell.reduction else "normal"
+        states = [cell.preprocess0(s0), cell.preprocess1(s1)]
+        for e_node in range(net.steps):
+            edges = [e for e, (target, _) in enumerate(cell_edges(net.steps)) if target == e_node + 2]
+            states.append(sum(edge_weights[t][e] * cell.edges[e](states[j], weights[t][e])
+                              for e, j in zip(edges, range(len(edges)))))  # fmt: skip
+        s0, s1 = s1, torch.cat(states[-net.multiplier :], dim=1)
+    expected = net.classifier(net.global_pooling(s1).flatten(1))
+    torch.testing.assert_close(net(x), expected)
+
+
+def test_k1_without_edge_normalisation_is_unchanged():
+    net = DartsSupernet(C=4, layers=3)
+    assert not net.edge_normalization and not net.betas
+    assert net.arch_parameters() == list(net.alphas.values())
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(net.eval()(x), net(x, net.arch_weights()))
+    with_norm = DartsSupernet(C=4, layers=3, edge_normalization=True)
+    assert with_norm.edge_normalization and len(with_norm.arch_parameters()) == 4

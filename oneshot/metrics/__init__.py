@@ -25,13 +25,18 @@ from oneshot.spaces.nb201 import EDGES, NB201Cell, NB201Network
 
 
 def nb201_ntk_network(
-    candidates: dict | None = None, C: int = 3, N: int = 1, num_classes: int = 10
+    candidates: dict | None = None,
+    C: int = 3,
+    N: int = 1,
+    num_classes: int = 10,
+    in_channels: int = 3,
 ) -> NB201Network:
     """TE-NAS' NTK network on NB201: the benchmark skeleton at ``C=3, N=1`` with stem and affine
     BN (``model_config`` in ``prune_tenas.py::main``); all candidates unless given."""
     return NB201Network(
-        C=C, N=N, num_classes=num_classes, candidates=candidates, affine=True, search=False
-    )
+        C=C, N=N, num_classes=num_classes, in_channels=in_channels, candidates=candidates,
+        affine=True, search=False,
+    )  # fmt: skip
 
 
 class NB201SingleCell(nn.Module):
@@ -102,7 +107,7 @@ def tenas_score_nb201(
 ) -> dict[str, float]:
     """TE-NAS' two indicators of one NB201 cell: ``{"ntk": kappa, "regions": count}``.
 
-    ``images``: real training images ``N x 3 x H x W``, normalised as for training. kappa is
+    ``images``: real training images ``N x C x H x W``, normalised as for training. kappa is
     taken on ``nb201_ntk_network`` over one batch of ``ntk_batch`` of them (72: the reference's
     NB201 batch size, ``prune_launch.py``); the regions on ``NB201SingleCell`` over ``n_crops``
     single-channel ``crop_size`` crops (3,000 of 3x3: ``Linear_Region_Collector(input_size=
@@ -114,7 +119,7 @@ def tenas_score_nb201(
     batch = sample_images(images, ntk_batch, seed)
     crops = random_crops(images, n_crops, crop_size, seed)
     ntk = ntk_condition_number(
-        nb201_ntk_network(candidates, num_classes=num_classes),
+        nb201_ntk_network(candidates, num_classes=num_classes, in_channels=images.shape[1]),
         batch,
         num_inits,
         seed,

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from oneshot.derive import derive_darts
+from oneshot.derive import derive_darts, edge_softmax
 from oneshot.genotypes import DartsGenotype, GenotypeError, validate_darts
 from oneshot.mixed import MixedOp
 from oneshot.ops import DARTS_PRIMITIVES, FactorizedReduce, ReLUConvBN, Zero, make_op
@@ -48,13 +48,16 @@ class SearchCell(nn.Module):
         )
         self._zero = Zero(C, C, 2 if reduction else 1)
 
-    def forward(self, s0, s1, weights):
+    def forward(self, s0, s1, weights, edge_weights=None):
+        """``edge_weights``: PC-DARTS' normalised edge weights, one per edge, or ``None``."""
         states = [self.preprocess0(s0), self.preprocess1(s1)]
         e = 0
         for _ in range(self.steps):
             total = None
             for h in list(states):
                 out = self.edges[e](h, weights[e])
+                if out is not None and edge_weights is not None:
+                    out = edge_weights[e] * out
                 e += 1
                 if out is not None:
                     total = out if total is None else total + out
@@ -78,7 +81,12 @@ class DartsSupernet(SupernetBase):
         primitives: Sequence[str] = DARTS_PRIMITIVES,
         candidates: dict | None = None,
         partial_channels: int = 1,
+        edge_normalization: bool | None = None,
+        channels_last: bool = True,
     ):
+        """``partial_channels=K``: PC-DARTS' partial channel connections (1/K of the channels
+        through the mixed ops); ``edge_normalization``: its per-node softmax over incoming edges
+        (``None``: on exactly when K > 1, as in PC-DARTS)."""
         super().__init__()
         if C < 2 or C % 2 or layers < 1 or steps < 1 or not 1 <= multiplier <= steps or num_classes < 1:
             raise ValueError(
@@ -110,18 +118,38 @@ class DartsSupernet(SupernetBase):
         self.classifier = nn.Linear(C_p, num_classes)
         self._edge_names = [f"{t}<-{s}" for t, s in cell_edges(steps)]
         self._init_alphas()
+        self.edge_normalization = partial_channels > 1 if edge_normalization is None else bool(edge_normalization)
+        # PC-DARTS' betas: one logit per edge, initialised like the alphas; architecture parameters.
+        self.betas = nn.ParameterDict(
+            {t: nn.Parameter(1e-3 * torch.randn(n_edges)) for t in self.cell_types} if self.edge_normalization else {}
+        )
+        # NHWC: oneDNN's depthwise convs, whose backward dominates this space's step, are 2-3x
+        # faster in it on CPU (the whole step 2x, bench/search_step.py); GPUs prefer it too.
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.to(memory_format=self.memory_format)
+
+    def arch_parameters(self) -> list[nn.Parameter]:
+        return list(self.alphas.values()) + list(self.betas.values())
+
+    def edge_weights(self) -> dict[str, torch.Tensor]:
+        """PC-DARTS' normalised edge weights per cell type (empty without edge normalisation)."""
+        return {t: edge_softmax(b, self.steps) for t, b in self.betas.items()}
 
     def forward(self, x, weights=None):
+        """With edge normalisation, the default (softmax) weights also scale every edge's output
+        by its beta weight; explicit ``weights`` (samples, masks) compute the plain cells."""
+        edge_weights = self.edge_weights() if weights is None else {}
         weights = self.arch_weights() if weights is None else weights
-        s0 = s1 = self.stem(x)
+        s0 = s1 = self.stem(x.contiguous(memory_format=self.memory_format))
         for cell in self.cells:
-            s0, s1 = s1, cell(s0, s1, weights["reduce" if cell.reduction else "normal"])
+            t = "reduce" if cell.reduction else "normal"
+            s0, s1 = s1, cell(s0, s1, weights[t], edge_weights.get(t))
         return self.classifier(self.global_pooling(s1).flatten(1))
 
     def genotype(self) -> DartsGenotype:
         return derive_darts(
             self.alphas["normal"], self.alphas["reduce"], self.candidates["normal"], self.candidates["reduce"],
-            self.steps, self.multiplier,
+            self.steps, self.multiplier, self.betas.get("normal"), self.betas.get("reduce"),
         )  # fmt: skip
 
     def weights_for(self, genotype: DartsGenotype) -> dict:
@@ -221,6 +249,7 @@ class DartsNetwork(nn.Module):
         image_size: int = 32,
         auxiliary: bool = True,
         stem_multiplier: int = 3,
+        channels_last: bool = True,
     ):
         super().__init__()
         validate_darts(genotype)
@@ -247,10 +276,12 @@ class DartsNetwork(nn.Module):
                 self.auxiliary_head = AuxiliaryHead(C_p, num_classes, size)
         self.global_pooling = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(C_p, num_classes)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.to(memory_format=self.memory_format)  # NHWC, as the supernet (see there)
 
     def forward(self, x):
         """Logits, or ``(logits, auxiliary logits)`` in training mode with the auxiliary head."""
-        s0 = s1 = self.stem(x)
+        s0 = s1 = self.stem(x.contiguous(memory_format=self.memory_format))
         logits_aux = None
         for i, cell in enumerate(self.cells):
             s0, s1 = s1, cell(s0, s1, self.drop_path_prob)

@@ -1,0 +1,161 @@
+"""W&B tracking through real offline runs: what lands in the run's files is read back.
+
+wandb 0.31 ships no Python reader of its transaction log (``run-<id>.wandb``), so ``records``
+below reads it: the LevelDB log format wandb writes (a 7-byte header, 32 KiB blocks of records,
+each a 7-byte header - CRC, length, type full/first/middle/last - and a protobuf ``Record``).
+"""
+
+import base64
+import hashlib
+import json
+import logging
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_plots import TINY, pixels
+from wandb.proto import wandb_internal_pb2 as pb
+
+import oneshot
+from lightning_modules.runs import _wandb_mode
+
+SEARCH = Path(sys.executable).parent / "oneshot-search"
+
+
+def records(path: Path) -> list:
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", data[:7]
+    pos, block, buf, out = 7, 32768, b"", []
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:  # a block's tail too short for a header is padding
+            pos += left
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if length == 0 and kind == 0:
+            pos += left
+            continue
+        chunk = data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        buf = chunk if kind in (1, 2) else buf + chunk
+        if kind in (1, 4):
+            record = pb.Record()
+            record.ParseFromString(buf)
+            out.append(record)
+            buf = b""
+    return out
+
+
+def offline_run(run_dir: Path) -> tuple[Path, dict]:
+    (run,) = (run_dir / "wandb").glob("offline-run-*")
+    by_kind: dict = {}
+    for r in records(next(run.glob("run-*.wandb"))):
+        by_kind.setdefault(r.WhichOneof("record_type"), []).append(r)
+    return run, by_kind
+
+
+def md5_b64(path: Path) -> str:
+    return base64.b64encode(hashlib.md5(path.read_bytes()).digest()).decode()
+
+
+@pytest.mark.slow
+def test_offline_run_holds_pictures_genotype_table_and_artifacts(tmp_path):
+    report = oneshot.search(oneshot.compose("search", [f"run_dir={tmp_path}", "logger=wandb", *TINY]))
+    run, rec = offline_run(tmp_path)
+    files = run / "files" / "media"
+
+    # Images: each epoch's heatmap and cell picture, decoded, equal to the run directory's PNGs.
+    for what in ("alphas", "cell"):
+        logged = sorted((files / "images" / "pictures" / what).glob("cell_*.png"), key=lambda p: int(p.name.split("_")[1]))
+        assert len(logged) == 2
+        for epoch, png in enumerate(logged):
+            pixels(png)
+            assert png.read_bytes() == (tmp_path / "plots" / "epochs" / f"epoch_{epoch:03d}_{what}_cell.png").read_bytes()
+    for name in ("curves", "retrain_curves", "alpha_evolution_cell"):
+        (png,) = (files / "images" / "plots").glob(f"{name}_*.png")
+        pixels(png)
+
+    # The genotype table: the last one logged lists every epoch's genotype, as report.json does.
+    tables = sorted((files / "table" / "arch").glob("genotypes_*.table.json"), key=lambda p: int(p.name.split("_")[1]))
+    table = json.loads(tables[-1].read_text())
+    assert table["columns"] == ["epoch", "genotype"]
+    on_disk = json.loads((tmp_path / "report.json").read_text())
+    assert table["data"] == [[e, g] for e, g in enumerate(on_disk["genotypes_per_epoch"])]
+    assert on_disk["genotypes_per_epoch"] == report["genotypes_per_epoch"]
+
+    # Artifacts: the manifests name the run's files with their MD5 digests; staged copies match.
+    arts = {a.artifact.type: a.artifact for a in rec["artifact"] if a.artifact.type in ("genotype", "model")}
+    entries = {t: {e.path: e for e in a.manifest.contents} for t, a in arts.items()}
+    assert set(entries["genotype"]) == {"genotype.txt", "genotype.json"}
+    assert set(entries["model"]) == {"network.pt"}
+    for t, source in (("genotype", tmp_path), ("model", tmp_path / "retrain")):
+        for name, entry in entries[t].items():
+            assert entry.digest == md5_b64(source / name)
+            assert entry.size == (source / name).stat().st_size
+            assert Path(entry.local_path).read_bytes() == (source / name).read_bytes()
+    model_meta = json.loads(arts["model"].metadata)
+    assert model_meta["test_acc"] == report["retrain"]["test_acc"]
+    assert json.loads(arts["genotype"].metadata)["genotype"] == (tmp_path / "genotype.txt").read_text().strip()
+
+    # The resolved config is the run's config; the run ended cleanly.
+    config = {u.key: json.loads(u.value_json) for r in rec["run"] for u in r.run.config.update}
+    assert config["run_dir"] == str(tmp_path) and config["trainer"]["max_epochs"] == 2
+    assert config["strategy"]["_target_"].endswith("DartsSearch")
+    assert [r.exit.exit_code for r in rec["exit"]] == [0]
+
+
+@pytest.mark.slow
+def test_failed_run_is_finished_with_a_nonzero_exit_code(tmp_path):
+    # The search logs to W&B, then retraining fails (a batch size of 0): the error propagates
+    # and the W&B run is still finished, marked failed.
+    overrides = [f"run_dir={tmp_path}", "logger=wandb", *TINY, "trainer.max_epochs=1", "retrain.batch_size=0"]
+    with pytest.raises(ValueError, match="batch_size"):
+        oneshot.search(oneshot.compose("search", overrides))
+    _, rec = offline_run(tmp_path)
+    assert [r.exit.exit_code for r in rec["exit"]] == [1]
+    assert (tmp_path / "genotype.txt").exists()  # what the search produced is kept
+
+
+@pytest.mark.slow
+def test_multirun_jobs_share_a_group_and_are_named_by_their_overrides(tmp_path):
+    sweep = tmp_path / "sweep"
+    cmd = [str(SEARCH), "-m", "seed=0,1", "logger=wandb", "retrain.enabled=false", "data=digits", "data.batch_size=16",
+           "trainer.max_epochs=1", "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1",
+           f"hydra.sweep.dir={sweep}", "logger.wandb.tags=[sweep-test]"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "WANDB_MODE": "offline"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    runs = [offline_run(sweep / str(job))[1]["run"][0].run for job in (0, 1)]
+    assert runs[0].run_group == runs[1].run_group == f"search-{sweep.name}"
+    # Named by Hydra's override_dirname: the job's overrides, the swept one included.
+    assert ["seed=0" in r.display_name.split(","), "seed=1" in r.display_name.split(",")] == [True, True]
+    assert runs[0].display_name.replace("seed=0", "seed=1") == runs[1].display_name
+    assert all(list(r.tags) == ["sweep-test"] and r.job_type == "search" for r in runs)
+    assert "wandb sync" in done.stderr + done.stdout
+
+
+def test_auto_mode_is_offline_without_key_or_network(monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    for var in ("WANDB_API_KEY", "HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("WANDB_CONFIG_DIR", os.environ["WANDB_DIR"])  # no netrc login from the user
+    monkeypatch.setenv("NETRC", os.path.join(os.environ["WANDB_DIR"], "no-netrc"))
+    assert _wandb_mode("auto") == ("offline", "no API key")
+    # A key but a server that does not answer (a closed local port): offline, not a stalled init.
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")
+    assert _wandb_mode("auto") == ("offline", "127.0.0.1 unreachable")
+    assert _wandb_mode("online") == ("online", "logger.wandb.mode")
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert _wandb_mode("auto") == ("disabled", "WANDB_MODE")
+
+
+def test_offline_hint_names_the_sync_command(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="oneshot")
+    overrides = [f"run_dir={tmp_path}", "logger=wandb", "+trainer.fast_dev_run=true", "data=digits",
+                 "data.batch_size=8", "retrain.enabled=false"]  # fmt: skip
+    oneshot.search(oneshot.compose("search", overrides))
+    run, _ = offline_run(tmp_path)
+    assert f"wandb sync {run}" in caplog.text
