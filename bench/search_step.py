@@ -113,6 +113,7 @@ def main() -> None:
                    "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]  # fmt: skip
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
             one = json.loads(out)
+            print(json.dumps({"run": [space, strategy, k], **one}), file=sys.stderr, flush=True)  # progress, raw
             r = results[(space, strategy, k)]
             r["times"] += one["times"]
             r["peak_rss_mb"] = max(r["peak_rss_mb"], one["peak_rss_mb"])

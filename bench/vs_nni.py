@@ -198,6 +198,7 @@ def main() -> None:
     for _ in range(args.rounds):
         for key, cmd in runs.items():
             one = _run(cmd)
+            print(json.dumps({"run": key, **one}), file=sys.stderr, flush=True)  # progress, raw
             results[key]["times"] += one["times"]
             results[key]["cpu"] += one["cpu"]
             load.append(os.getloadavg()[0])

@@ -53,7 +53,9 @@ class ArchitecturePictures(Callback):
         paths = {}
         for key, png in pictures.items():
             what, cell = key.split("/")
-            paths[key] = plots.write_bytes(self.plots_dir / "epochs" / f"epoch_{epoch:03d}_{what}_{cell}.png", png)
+            paths[key] = plots.write_bytes(
+                self.plots_dir / "epochs" / f"epoch_{epoch:03d}_{what}_{cell}.png", png
+            )
             plots.write_bytes(self.plots_dir / f"{what}_{cell}.png", png)
         wandb = wandb_loggers(trainer.loggers)
         if not wandb:
@@ -68,7 +70,9 @@ class ArchitecturePictures(Callback):
 
 
 @rank_zero_only
-def finish_pictures(loggers, run_dir, report: dict | None = None, draw: bool = True, use_dot: bool = True) -> None:
+def finish_pictures(
+    loggers, run_dir, report: dict | None = None, draw: bool = True, use_dot: bool = True
+) -> None:
     """Redraw a finished stage's pictures (``draw``); with W&B log them, the TE-NAS table and the
     artifacts. A picture that fails to draw is reported and skipped: it must not cost the run
     its results."""
@@ -76,7 +80,12 @@ def finish_pictures(loggers, run_dir, report: dict | None = None, draw: bool = T
     try:
         written = plots.redraw(run_dir, epochs=False, use_dot=use_dot) if draw else []
     except Exception as e:  # noqa: BLE001 - see the docstring
-        log.warning("could not draw the pictures of %s: %s (redraw with: oneshot-plot %s)", run_dir, e, run_dir)
+        log.warning(
+            "could not draw the pictures of %s: %s (redraw with: oneshot-plot %s)",
+            run_dir,
+            e,
+            run_dir,
+        )
     for lg in wandb_loggers(loggers):
         run = lg.experiment
         import wandb
@@ -86,10 +95,18 @@ def finish_pictures(loggers, run_dir, report: dict | None = None, draw: bool = T
         prune = plots.prune_history(run_dir, report)
         if prune:
             columns = list(prune[0])
-            lg.log_table("tenas/pruning", columns=columns, data=[[r.get(c) for c in columns] for r in prune])
-        genotype_files = [run_dir / n for n in ("genotype.txt", "genotype.json") if (run_dir / n).is_file()]
+            lg.log_table(
+                "tenas/pruning", columns=columns, data=[[r.get(c) for c in columns] for r in prune]
+            )
+        genotype_files = [
+            run_dir / n for n in ("genotype.txt", "genotype.json") if (run_dir / n).is_file()
+        ]
         if genotype_files:
-            art = wandb.Artifact(f"genotype-{run.id}", type="genotype", metadata={"genotype": (report or {}).get("genotype")})
+            art = wandb.Artifact(
+                f"genotype-{run.id}",
+                type="genotype",
+                metadata={"genotype": (report or {}).get("genotype")},
+            )
             for f in genotype_files:
                 art.add_file(str(f))
             run.log_artifact(art)
@@ -97,6 +114,10 @@ def finish_pictures(loggers, run_dir, report: dict | None = None, draw: bool = T
             if network.is_file():
                 retrain = (report or {}).get("retrain") or {}
                 meta = {k: retrain.get(k) for k in ("test_acc", "parameters", "network")}
-                art = wandb.Artifact(f"network-{run.id}", type="model", metadata={**meta, "genotype": (report or {}).get("genotype")})
+                art = wandb.Artifact(
+                    f"network-{run.id}",
+                    type="model",
+                    metadata={**meta, "genotype": (report or {}).get("genotype")},
+                )
                 art.add_file(str(network))
                 run.log_artifact(art)

@@ -139,6 +139,7 @@ def retrain_genotype(genotype, cfg, out_dir: Path, network_kwargs: dict, loggers
         **_data_kwargs(cfg.data, drop=("split",), batch_size=rcfg.batch_size, seed=cfg.seed), cutout=rcfg.cutout
     )
     info = datamodule.info
+    _check_network_kwargs(genotype, network_kwargs)
     network = build_network(
         genotype, num_classes=info.num_classes, in_channels=info.in_channels, image_size=info.image_size,
         **network_kwargs,
@@ -171,6 +172,23 @@ def retrain_genotype(genotype, cfg, out_dir: Path, network_kwargs: dict, loggers
         atomic_save(export, out_dir / "network.pt")
         atomic_write_json(out_dir / "report.json", result)
     return result
+
+
+def _check_network_kwargs(genotype, network_kwargs: dict) -> None:
+    """``network.layers=8`` for an NB201 genotype is a mistake to name, not a TypeError."""
+    import inspect
+
+    from oneshot.spaces import space_of
+
+    params = inspect.signature(space_of(genotype).build_network).parameters
+    valid = [n for n, p in params.items() if p.kind is not p.VAR_KEYWORD
+             and n not in ("genotype", "num_classes", "in_channels", "image_size")]  # fmt: skip
+    for key, value in network_kwargs.items():
+        if key not in valid:
+            raise ValueError(
+                f"network.{key}={value} does not apply to a {genotype.space} genotype; "
+                f"{genotype.space} networks take: {', '.join(f'network.{n}' for n in valid)}"
+            )
 
 
 def load_network(path) -> torch.nn.Module:

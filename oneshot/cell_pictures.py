@@ -34,7 +34,14 @@ def cell_graphs(genotype) -> dict[str, dict]:
             if op != "none"
         ]
         n = len(genotype.nodes)
-        return {"cell": {"inputs": ["0"], "nodes": [str(j) for j in range(1, n)], "output": str(n), "edges": edges}}
+        return {
+            "cell": {
+                "inputs": ["0"],
+                "nodes": [str(j) for j in range(1, n)],
+                "output": str(n),
+                "edges": edges,
+            }
+        }
     if isinstance(genotype, DartsGenotype):
         out = {}
         for t, pairs, concat in (
@@ -86,7 +93,9 @@ def render_dot(source: str, timeout: float = 30.0) -> bytes | None:
         log.warning("graphviz dot failed (%s); drawing the cell with matplotlib", e)
         return None
     if done.returncode != 0 or not done.stdout.startswith(b"\x89PNG"):
-        log.warning("graphviz dot failed: %s; drawing the cell with matplotlib", done.stderr.decode()[:200])
+        log.warning(
+            "graphviz dot failed: %s; drawing the cell with matplotlib", done.stderr.decode()[:200]
+        )
         return None
     return done.stdout
 

@@ -71,9 +71,52 @@ def _one_run_dir_for_all_ranks(cfg: DictConfig) -> None:
         sys.argv = [sys.argv[0], *hydra_cfg.overrides.task]
 
 
+# Trainer arguments whose default is an int but which also take strings or lists.
+_ANY_TYPE = {"trainer.devices"}
+
+
+def _check_override_types(cfg: DictConfig) -> None:
+    """``seed=abc``: a value override must have its default's type (an int for an int, a number
+    for a float, a bool for a bool), checked against the config composed without the values."""
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf
+
+    if not HydraConfig.initialized() or not GlobalHydra.instance().is_initialized():
+        return
+    hydra_cfg = HydraConfig.get()
+    groups = set(hydra_cfg.runtime.choices)
+    overrides = [o.split("=", 1) for o in hydra_cfg.overrides.task if "=" in o]
+    values = [(k, v) for k, v in overrides if k not in groups and k[0] not in "+~" and k not in _ANY_TYPE]
+    if not values:
+        return
+    choices = [f"{k}={v}" for k, v in overrides if k.lstrip("+~") in groups]
+    try:
+        defaults = GlobalHydra.instance().hydra.compose_config(hydra_cfg.job.config_name, choices, run_mode=RunMode.RUN)
+    except Exception:  # a checker must never stop a run that Hydra accepted
+        return
+    for key, text in values:
+        try:
+            default, value = (OmegaConf.select(c, key, default=None) for c in (defaults, cfg))
+        except Exception:
+            continue
+        if default is None or value is None or isinstance(default, str | list | dict | DictConfig):
+            continue
+        if isinstance(default, bool):
+            ok, kind = isinstance(value, bool), "true or false"
+        elif isinstance(default, int):
+            ok, kind = isinstance(value, int) and not isinstance(value, bool), "an integer"
+        else:
+            ok, kind = isinstance(value, int | float) and not isinstance(value, bool), "a number"
+        if not ok:
+            raise ValueError(f"{key}={text}: {key} must be {kind} (its default is {default})")
+
+
 def _run(fn, cfg: DictConfig):
     try:
         _one_run_dir_for_all_ranks(cfg)
+        _check_override_types(cfg)
         return fn(cfg)
     except Exception as exc:
         err = _user_error(exc)

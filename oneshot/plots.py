@@ -20,16 +20,12 @@ most likely path).
 from __future__ import annotations
 
 import argparse
-import csv
 import io
-import json
 import logging
 import math
 import os
-import re
 import sys
 import tempfile
-from collections import defaultdict
 from pathlib import Path
 
 from matplotlib.figure import Figure
@@ -37,11 +33,21 @@ from matplotlib.ticker import MaxNLocator
 
 from oneshot.cell_pictures import cell_graphs, cell_png
 from oneshot.genotypes import GenotypeError, parse
-from oneshot.ops import DARTS_PRIMITIVES, NB201_PRIMITIVES
+from oneshot.run_files import (  # noqa: F401 - re-exported: plots.read_metrics(...) in notebooks
+    ARCH_PREFIXES,
+    Rows,
+    architecture_history,
+    find_prune_history,
+    load_json,
+    natural,
+    of,
+    op_order,
+    prune_history,
+    read_metrics,
+    rows_at,
+)
 
 log = logging.getLogger(__name__)
-ARCH_PREFIXES = ("alpha/", "policy/")
-Rows = list[tuple[str, dict[str, float]]]  # (edge or decision, {op: probability})
 
 
 def write_bytes(path, data: bytes) -> Path:
@@ -100,7 +106,9 @@ def heatmap_figure(rows: Rows, title: str = "") -> Figure:
     return fig
 
 
-def evolution_figure(history: dict[str, dict[str, list[tuple[int, float]]]], title: str = "") -> Figure:
+def evolution_figure(
+    history: dict[str, dict[str, list[tuple[int, float]]]], title: str = ""
+) -> Figure:
     """One panel per edge, one line per op: its probability after every epoch."""
     edges = list(history)
     cols = min(4, len(edges))
@@ -125,9 +133,13 @@ def evolution_figure(history: dict[str, dict[str, list[tuple[int, float]]]], tit
     return fig
 
 
-def curves_figure(metrics: list[dict], panels: dict[str, list[str]], title: str = "") -> Figure | None:
+def curves_figure(
+    metrics: list[dict], panels: dict[str, list[str]], title: str = ""
+) -> Figure | None:
     """One panel per group of metric keys, each key against the step; None when nothing to draw."""
-    drawn = {name: [k for k in keys if any(k in r for r in metrics)] for name, keys in panels.items()}
+    drawn = {
+        name: [k for k in keys if any(k in r for r in metrics)] for name, keys in panels.items()
+    }
     drawn = {name: keys for name, keys in drawn.items() if keys}
     if not drawn:
         return None
@@ -151,22 +163,36 @@ def curves_figure(metrics: list[dict], panels: dict[str, list[str]], title: str 
 def tenas_figure(history: list[dict], cell_type: str) -> Figure:
     """Per pruning round, the relative change of the NTK condition number and of the number of
     linear regions when each op is removed (edges x ops); pruned ops are crossed out."""
-    rows = [h for h in history if h.get("cell_type", "cell") == cell_type and h.get("stage", "op") == "op"]
+    rows = [
+        h
+        for h in history
+        if h.get("cell_type", "cell") == cell_type and h.get("stage", "op") == "op"
+    ]
     rounds = sorted({h["round"] for h in rows})
     fig = Figure(figsize=(9, 0.6 + 2.6 * len(rounds)))
     for r_i, rnd in enumerate(rounds):
         sel = [h for h in rows if h["round"] == rnd]
-        edges, ops = list(dict.fromkeys(h["edge"] for h in sel)), list(dict.fromkeys(h["op"] for h in sel))
-        for m_i, (key, label) in enumerate((("ntk_change", "NTK condition change"), ("regions_change", "regions change"))):
+        edges = sorted(dict.fromkeys(h["edge"] for h in sel), key=natural)
+        ops = sorted(dict.fromkeys(h["op"] for h in sel), key=op_order)
+        for m_i, (key, label) in enumerate(
+            (("ntk_change", "NTK condition change"), ("regions_change", "regions change"))
+        ):
             grid = [[math.nan] * len(ops) for _ in edges]
             for h in sel:
                 v = float(h.get(key, math.nan))  # "inf" (a singular NTK) is written as a string
-                grid[edges.index(h["edge"])][ops.index(h["op"])] = v if math.isfinite(v) else math.nan
+                grid[edges.index(h["edge"])][ops.index(h["op"])] = (
+                    v if math.isfinite(v) else math.nan
+                )
             ax = fig.add_subplot(len(rounds), 2, 2 * r_i + m_i + 1)
-            im = ax.imshow(grid, cmap="coolwarm", aspect="auto")
+            span = max((abs(v) for r in grid for v in r if not math.isnan(v)), default=1.0) or 1.0
+            im = ax.imshow(
+                grid, cmap="coolwarm", vmin=-span, vmax=span, aspect="auto"
+            )  # 0 is white
             for h in sel:
                 if h.get("pruned"):
-                    ax.text(ops.index(h["op"]), edges.index(h["edge"]), "x", ha="center", va="center")
+                    ax.text(
+                        ops.index(h["op"]), edges.index(h["edge"]), "x", ha="center", va="center"
+                    )
             ax.set_xticks(range(len(ops)), ops, rotation=30, ha="right", fontsize=7)
             ax.set_yticks(range(len(edges)), edges, fontsize=7)
             ax.set_title(f"round {rnd}: {label}", fontsize=9)
@@ -179,99 +205,16 @@ def tenas_figure(history: list[dict], cell_type: str) -> Figure:
 def cell_pictures(genotype, use_dot: bool = True) -> dict[str, bytes]:
     """PNG bytes of each cell type's picture of ``genotype`` (a value or a string)."""
     g = parse(genotype) if isinstance(genotype, str) else genotype
-    return {t: cell_png(graph, f"{g.space} {t}" if t == "cell" else f"{t} cell", use_dot) for t, graph in cell_graphs(g).items()}
-
-
-def op_order(op: str) -> tuple[int, str]:
-    """Ops in the spaces' primitive order (the live and the redrawn heatmaps must agree)."""
-    order = list(dict.fromkeys((*NB201_PRIMITIVES, *DARTS_PRIMITIVES)))
-    return (order.index(op), op) if op in order else (len(order), op)
-
-
-def natural(name: str) -> list:
-    """Sort key reading digit runs as numbers: ``10<-2`` after ``9<-8``, ``3/op0`` after ``2/op1``."""
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
-
-
-def of(cell: str) -> str:
-    """Title suffix naming the cell type (NB201 has a single one, called "cell")."""
-    return "" if cell == "cell" else f", {cell} cell"
-
-
-# ---- reading a run directory ---------------------------------------------------------------------
-
-
-def read_metrics(path) -> list[dict]:
-    """``metrics.csv`` rows with the empty cells dropped and numbers as floats (step, epoch: int)."""
-    rows = []
-    with open(path, newline="") as f:
-        for raw in csv.DictReader(f):
-            row = {}
-            for k, v in raw.items():
-                if k is None or v in ("", None):
-                    continue
-                try:
-                    row[k] = int(float(v)) if k in ("step", "epoch") else float(v)
-                except ValueError:
-                    continue
-            rows.append(row)
-    return rows
-
-
-def architecture_history(metrics: list[dict]) -> dict[str, dict[str, dict[str, list[tuple[int, float]]]]]:
-    """cell type -> edge/decision -> op -> [(epoch, probability)], the last value of each epoch."""
-    per_epoch: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(dict)))
-    for row in metrics:
-        for key, value in row.items():
-            if key.startswith(ARCH_PREFIXES):
-                parts = key.split("/")
-                cell, edge, op = parts[1], "/".join(parts[2:-1]), parts[-1]
-                per_epoch[cell][edge][op][row.get("epoch", 0)] = value
     return {
-        cell: {edge: {op: sorted(edges[edge][op].items()) for op in edges[edge]} for edge in sorted(edges, key=natural)}
-        for cell, edges in per_epoch.items()
+        t: cell_png(graph, f"{g.space} {t}" if t == "cell" else f"{t} cell", use_dot)
+        for t, graph in cell_graphs(g).items()
     }
 
 
-def rows_at(history: dict, cell: str, epoch: int | None = None) -> Rows:
-    """The heatmap rows of one cell type at ``epoch`` (None: the last one logged)."""
-    out = []
-    for edge, ops in history[cell].items():
-        pick = {op: dict(pts).get(epoch) if epoch is not None else pts[-1][1] for op, pts in ops.items()}
-        out.append((edge, {op: p for op, p in pick.items() if p is not None}))
-    return out
-
-
-def find_prune_history(obj) -> list[dict] | None:
-    """A TE-NAS pruning history (rows with round, op, ntk and regions) anywhere inside ``obj``."""
-    if isinstance(obj, list) and obj and all(isinstance(r, dict) for r in obj):
-        if {"round", "op", "ntk_change", "regions_change"} <= set(obj[0]):
-            return obj
-    children = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, list) else ()
-    for child in children:
-        found = find_prune_history(child)
-        if found:
-            return found
-    return None
-
-
-def prune_history(run_dir: Path, report: dict | None = None) -> list[dict] | None:
-    """The TE-NAS history of a run: ``warmstart.json`` (warm start), ``tenas.json`` (strategy)."""
-    for name in ("warmstart.json", "tenas.json"):
-        found = find_prune_history(load_json(Path(run_dir) / name))
-        if found:
-            return found
-    return find_prune_history(report)
-
-
-def load_json(path) -> dict | list | None:
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-SEARCH_PANELS = {"loss": ["train/loss", "val/loss"], "accuracy": ["train/acc", "val/acc", "test/acc"]}
+SEARCH_PANELS = {
+    "loss": ["train/loss", "val/loss"],
+    "accuracy": ["train/acc", "val/acc", "test/acc"],
+}
 ENAS_PANELS = {
     "reward": ["enas/reward", "enas/baseline", "enas/epoch_reward"],
     "entropy": ["enas/entropy"],
@@ -280,7 +223,9 @@ ENAS_PANELS = {
 
 
 def is_run_dir(run_dir: Path) -> bool:
-    return run_dir.is_dir() and any((run_dir / f).is_file() for f in ("metrics.csv", "genotype.txt", "report.json"))
+    return run_dir.is_dir() and any(
+        (run_dir / f).is_file() for f in ("metrics.csv", "genotype.txt", "report.json")
+    )
 
 
 def redraw(run_dir, epochs: bool = True, use_dot: bool = True) -> list[Path]:
@@ -295,21 +240,37 @@ def redraw(run_dir, epochs: bool = True, use_dot: bool = True) -> list[Path]:
     metrics = read_metrics(run_dir / "metrics.csv") if (run_dir / "metrics.csv").is_file() else []
     history = architecture_history(metrics)
     for cell in history:
-        kind = "alphas" if any(k.startswith(f"alpha/{cell}/") for r in metrics for k in r) else "policy"
+        kind = (
+            "alphas"
+            if any(k.startswith(f"alpha/{cell}/") for r in metrics for k in r)
+            else "policy"
+        )
         written.append(save_figure(heatmap_figure(rows_at(history, cell), f"{kind}{of(cell)}"),
                                    out / f"alphas_{cell}.png"))  # fmt: skip
         written.append(save_figure(evolution_figure(history[cell], f"{kind} over epochs{of(cell)}"),
                                    out / f"alpha_evolution_{cell}.png"))  # fmt: skip
         if epochs:
-            for epoch in sorted({e for ops in history[cell].values() for pts in ops.values() for e, _ in pts}):
-                fig = heatmap_figure(rows_at(history, cell, epoch), f"{kind} after epoch {epoch}{of(cell)}")
-                written.append(save_figure(fig, out / "epochs" / f"epoch_{epoch:03d}_alphas_{cell}.png"))
+            for epoch in sorted(
+                {e for ops in history[cell].values() for pts in ops.values() for e, _ in pts}
+            ):
+                fig = heatmap_figure(
+                    rows_at(history, cell, epoch), f"{kind} after epoch {epoch}{of(cell)}"
+                )
+                written.append(
+                    save_figure(fig, out / "epochs" / f"epoch_{epoch:03d}_alphas_{cell}.png")
+                )
     report = load_json(run_dir / "report.json") or {}
     if epochs:
         for epoch, g in enumerate(report.get("genotypes_per_epoch") or []):
             for cell, png in cell_pictures(g, use_dot).items():
-                written.append(write_bytes(out / "epochs" / f"epoch_{epoch:03d}_cell_{cell}.png", png))
-    final = (run_dir / "genotype.txt").read_text() if (run_dir / "genotype.txt").is_file() else report.get("genotype")
+                written.append(
+                    write_bytes(out / "epochs" / f"epoch_{epoch:03d}_cell_{cell}.png", png)
+                )
+    final = (
+        (run_dir / "genotype.txt").read_text()
+        if (run_dir / "genotype.txt").is_file()
+        else report.get("genotype")
+    )
     if final:
         for cell, png in cell_pictures(final, use_dot).items():
             written.append(write_bytes(out / f"cell_{cell}.png", png))
@@ -318,7 +279,13 @@ def redraw(run_dir, epochs: bool = True, use_dot: bool = True) -> list[Path]:
         ("enas.png", run_dir / "metrics.csv", ENAS_PANELS, "ENAS controller"),
         ("retrain_curves.png", run_dir / "retrain" / "metrics.csv", SEARCH_PANELS, "retraining"),
     ):
-        rows = metrics if path == run_dir / "metrics.csv" else read_metrics(path) if path.is_file() else []
+        rows = (
+            metrics
+            if path == run_dir / "metrics.csv"
+            else read_metrics(path)
+            if path.is_file()
+            else []
+        )
         if panels is ENAS_PANELS and not any(k.startswith("enas/") for r in rows for k in r):
             continue
         fig = curves_figure(rows, panels, title)
@@ -335,7 +302,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="oneshot-plot", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
     parser.add_argument("--no-epochs", action="store_true", help="skip the per-epoch pictures")
-    parser.add_argument("--no-dot", action="store_true", help="draw cells with matplotlib, not Graphviz")
+    parser.add_argument(
+        "--no-dot", action="store_true", help="draw cells with matplotlib, not Graphviz"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for run_dir in args.run_dirs:

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from oneshot.genotypes import resolve
+
 BIN = Path(sys.executable).parent
 FAST = ["+trainer.fast_dev_run=true", "data=digits", "data.batch_size=8"]
 
@@ -42,6 +44,15 @@ BAD_INPUT = [
     ("oneshot-retrain", ["genotype=DARTS_V3"], 2, ["DARTS_V3", "DARTS_V2", "NB201_RESNET"]),
     ("oneshot-retrain", ["genotype='|conv_9x9~0|+|none~0|none~1|+|none~0|none~1|none~2|'"], 2, ["conv_9x9", "nor_conv_3x3"]),
     ("oneshot-retrain", [], 2, ["genotype is required"]),
+    # A genotype that does not fit its space: sizes of the other space, an op of the other space.
+    ("oneshot-retrain", ["genotype=NB201_RESNET", "network.layers=8"], 2, ["network.layers=8", "nb201", "network.N"]),
+    ("oneshot-retrain", [f'genotype="{str(resolve("DARTS_V2")).replace("sep_conv_3x3", "nor_conv_3x3", 1)}"'], 2,
+     ["nor_conv_3x3", "sep_conv_3x3"]),
+    ("oneshot-search", ["data=imagenet"], 1, ["imagenet", "digits"]),
+    # Overrides of the wrong type name the key, the expected type and the default.
+    ("oneshot-search", ["seed=abc"], 2, ["seed=abc", "integer", "default is 0"]),
+    ("oneshot-search", ["strategy.w_optimizer.lr=fast"], 2, ["strategy.w_optimizer.lr=fast", "a number"]),
+    ("oneshot-search", ["trainer.max_epochs=1.5"], 2, ["trainer.max_epochs=1.5", "integer"]),
 ]
 
 

@@ -273,3 +273,31 @@ def test_sample_batch_is_normalised_real_and_repeatable():
     assert abs(everything.mean()) < 1e-3 and abs(everything.std() - 1) < 1e-2  # own statistics
     with pytest.raises(ValueError, match="asked for 5000"):
         D.sample_batch("digits", 5000)
+
+
+def test_rank_shards_of_each_step_are_exactly_the_single_process_batch(tmp_path):
+    """N processes with batch B/N see, step by step, the images one process with batch B sees,
+    in an order set by (seed, epoch) alone: what the DDP equivalence and exact resume rest on."""
+    path = indexed_npz(tmp_path, n=203)  # 162 training images: not a multiple of the batch
+
+    def batches(world, rank, epoch, seed=4):
+        dm = D.SearchDataModule("npz", batch_size=12 // world, path=path, augment=False, seed=seed)
+        dm.setup()
+        dm.world_and_rank = lambda: (world, rank)  # what a trainer with `world` processes reports
+        loaders = dm.train_dataloader().iterables
+        for loader in loaders.values():
+            loader.sampler.set_epoch(epoch)  # Lightning does this before every epoch
+        return {k: [sorted(ids(x)) for x, _ in loader] for k, loader in loaders.items()}
+
+    one = batches(1, 0, epoch=0)
+    ranks = [batches(3, r, epoch=0) for r in range(3)]
+    for half in ("train", "val"):
+        assert len(one[half]) == len(ranks[0][half]) > 1
+        for step, batch in enumerate(one[half]):
+            shards = [set(r[half][step]) for r in ranks]
+            assert not shards[0] & shards[1] and sorted(set().union(*shards)) == batch
+    assert batches(1, 0, epoch=0) == one  # the global RNG plays no part
+    torch.manual_seed(123)
+    assert batches(1, 0, epoch=0) == one
+    assert batches(1, 0, epoch=1)["train"] != one["train"]  # a new order every epoch
+    assert batches(1, 0, epoch=0, seed=5)["train"] != one["train"]

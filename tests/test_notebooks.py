@@ -27,12 +27,16 @@ def test_notebook_runs_top_to_bottom(path, tmp_path, monkeypatch):
     spec = tmp_path / "jupyter" / "kernels" / "oneshot-test"
     spec.mkdir(parents=True)
     argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
-    (spec / "kernel.json").write_text(json.dumps({"argv": argv, "display_name": "oneshot", "language": "python"}))
+    (spec / "kernel.json").write_text(
+        json.dumps({"argv": argv, "display_name": "oneshot", "language": "python"})
+    )
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
     monkeypatch.setenv("MPLBACKEND", "Agg")
     monkeypatch.delenv("ONESHOT_RUN_DIRS", raising=False)
     nb = nbformat.read(path, as_version=4)
-    NotebookClient(nb, kernel_name="oneshot-test", timeout=600, resources={"metadata": {"path": str(tmp_path)}}).execute()
+    NotebookClient(
+        nb, kernel_name="oneshot-test", timeout=600, resources={"metadata": {"path": str(tmp_path)}}
+    ).execute()
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     pictures = [o for o in outputs if "image/png" in o.get("data", {})]

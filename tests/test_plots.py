@@ -37,11 +37,17 @@ def pixels(png: bytes | Path) -> np.ndarray:
     return img
 
 
-@pytest.mark.parametrize("genotype", [DARTS_V2, ENAS, NB201_BEST_CIFAR10], ids=["darts", "enas5", "nb201"])
+@pytest.mark.parametrize(
+    "genotype", [DARTS_V2, ENAS, NB201_BEST_CIFAR10], ids=["darts", "enas5", "nb201"]
+)
 @pytest.mark.parametrize("use_dot", [True, False], ids=["dot", "matplotlib"])
 def test_cell_pictures_every_cell_type(genotype, use_dot):
     pictures = plots.cell_pictures(genotype, use_dot=use_dot)
-    assert set(pictures) == set(cell_graphs(genotype)) == ({"cell"} if genotype.space == "nb201" else {"normal", "reduce"})
+    assert (
+        set(pictures)
+        == set(cell_graphs(genotype))
+        == ({"cell"} if genotype.space == "nb201" else {"normal", "reduce"})
+    )
     for png in pictures.values():
         pixels(png)
 
@@ -53,9 +59,15 @@ def test_cell_graph_is_the_genotype():
     assert ops[:2] == [("c_{k-2}", "0", "sep_conv_3x3"), ("c_{k-1}", "0", "sep_conv_3x3")]
     assert ("0", "3", "dil_conv_3x3") in ops and len(ops) == 8
     assert sorted(s for s, d, op in g["edges"] if d == "c_{k}") == ["0", "1", "2", "3"]
-    nb = cell_graphs(parse("|nor_conv_3x3~0|+|none~0|nor_conv_3x3~1|+|skip_connect~0|none~1|skip_connect~2|"))["cell"]
-    assert nb["edges"] == [("0", "1", "nor_conv_3x3"), ("1", "2", "nor_conv_3x3"), ("0", "3", "skip_connect"),
-                           ("2", "3", "skip_connect")]  # fmt: skip  - `none` edges compute zero: not drawn
+    nb = cell_graphs(
+        parse("|nor_conv_3x3~0|+|none~0|nor_conv_3x3~1|+|skip_connect~0|none~1|skip_connect~2|")
+    )["cell"]
+    assert nb["edges"] == [
+        ("0", "1", "nor_conv_3x3"),
+        ("1", "2", "nor_conv_3x3"),
+        ("0", "3", "skip_connect"),
+        ("2", "3", "skip_connect"),
+    ]  # fmt: skip  - `none` edges compute zero: not drawn
 
 
 @pytest.mark.skipif(shutil.which("dot") is None, reason="graphviz not installed")
@@ -70,7 +82,10 @@ def test_dot_and_fallback_differ_and_fallback_needs_no_dot(monkeypatch, tmp_path
 
 
 def test_heatmap_orders_ops_canonically_and_leaves_missing_ops_blank():
-    rows = [("1<-0", {"skip_connect": 0.7, "none": 0.3}), ("2<-0", {"nor_conv_3x3": 1.0, "none": 0.0})]
+    rows = [
+        ("1<-0", {"skip_connect": 0.7, "none": 0.3}),
+        ("2<-0", {"nor_conv_3x3": 1.0, "none": 0.0}),
+    ]
     fig = plots.heatmap_figure(rows, "warm-started")
     ax = fig.axes[0]
     assert [t.get_text() for t in ax.get_xticklabels()] == ["none", "skip_connect", "nor_conv_3x3"]
@@ -105,7 +120,14 @@ def test_enas_search_draws_pictures_and_oneshot_plot_redraws_them(tmp_path):
     for decision in history["normal"].values():
         for epoch in (0, 1):
             assert sum(dict(pts)[epoch] for pts in decision.values()) == pytest.approx(1, abs=1e-5)
-    for name in ("alphas_normal", "alpha_evolution_reduce", "cell_normal", "curves", "enas", "retrain_curves"):
+    for name in (
+        "alphas_normal",
+        "alpha_evolution_reduce",
+        "cell_normal",
+        "curves",
+        "enas",
+        "retrain_curves",
+    ):
         pixels(out / f"{name}.png")
 
     shutil.rmtree(out)
@@ -148,7 +170,9 @@ def test_oneshot_plot_rejects_a_directory_that_is_not_a_run(tmp_path):
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "is not a run directory" in lines[0] and str(tmp_path) in lines[0]
     assert "metrics.csv" in lines[0] and not (tmp_path / "plots").exists()
-    missing = subprocess.run([str(PLOT), str(tmp_path / "nope")], capture_output=True, text=True, timeout=120)
+    missing = subprocess.run(
+        [str(PLOT), str(tmp_path / "nope")], capture_output=True, text=True, timeout=120
+    )
     assert missing.returncode == 2 and "is not a run directory" in missing.stderr
 
 
