@@ -101,7 +101,7 @@ def _search(tmp_path, *overrides):
 
 @pytest.mark.slow
 def test_enas_search_draws_pictures_and_oneshot_plot_redraws_them(tmp_path):
-    report = _search(tmp_path, "strategy=enas", "space=darts", "logger=csv")
+    report = _search(tmp_path, "strategy=enas", "space=darts", "logger=csv", "strategy.derive_samples=5")
     out = tmp_path / "plots"
     assert not (tmp_path / "wandb").exists()
     # Every epoch: a policy heatmap and a cell picture per cell type, and latest copies.

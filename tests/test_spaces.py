@@ -176,7 +176,7 @@ def test_pc_darts_edge_weights_scale_each_edge_output():
             b.copy_(torch.randn_like(b))
     x = torch.randn(2, 3, 16, 16)
     weights, edge_weights = net.arch_weights(), net.edge_weights()
-    for t, w in edge_weights.items():  # a softmax per node over its incoming edges
+    for w in edge_weights.values():  # a softmax per node over its incoming edges
         start = 0
         for node in range(net.steps):
             torch.testing.assert_close(w[start : start + node + 2].sum(), torch.tensor(1.0))
