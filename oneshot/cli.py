@@ -81,7 +81,7 @@ def _check_override_types(cfg: DictConfig) -> None:
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
-    from omegaconf import OmegaConf
+    from omegaconf import ListConfig, OmegaConf
 
     if not HydraConfig.initialized() or not GlobalHydra.instance().is_initialized():
         return
@@ -101,7 +101,7 @@ def _check_override_types(cfg: DictConfig) -> None:
             default, value = (OmegaConf.select(c, key, default=None) for c in (defaults, cfg))
         except Exception:
             continue
-        if default is None or value is None or isinstance(default, str | list | dict | DictConfig):
+        if default is None or value is None or isinstance(default, str | list | dict | DictConfig | ListConfig):
             continue
         if isinstance(default, bool):
             ok, kind = isinstance(value, bool), "true or false"

@@ -103,3 +103,12 @@ def test_configs_ship_in_the_wheel(tmp_path):
     for required in ("oneshot/conf/search.yaml", "oneshot/conf/retrain.yaml", "oneshot/conf/space/nb201.yaml",
                      "oneshot/conf/strategy/darts.yaml", "lightning_modules/darts.py", "oneshot/spaces/darts.py"):  # fmt: skip
         assert required in names
+
+
+def test_well_typed_overrides_pass_the_type_check(tmp_path):
+    # A list default (tags) takes a list, a float default an int: neither is a type error.
+    proc = run("oneshot-search", "logger=wandb", "logger.wandb.tags=[a,b]", "logger.wandb.mode=disabled",
+               "strategy.w_optimizer.lr=1", "retrain.enabled=false", f"run_dir={tmp_path / 'run'}", *FAST,
+               cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "run" / "genotype.txt").exists()

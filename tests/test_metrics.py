@@ -23,14 +23,8 @@ from oneshot.metrics import (
 from oneshot.metrics.ntk import ntk_parameters
 from oneshot.spaces import NB201Network
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Thousands of tiny ops: one thread is as fast, and far faster on a shared, busy CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Thousands of tiny ops: one thread is as fast, and far faster on a shared, busy CPU.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

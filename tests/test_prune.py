@@ -21,13 +21,8 @@ DARTS_SMALL = {  # node 3 of 2 has three inputs, so the edge stage has work
 FAST = {"num_inits": 1, "ntk_batch": 4, "n_crops": 200}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Thousands of tiny ops: one thread is as fast, and far faster on a shared, busy CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Thousands of tiny ops: one thread is as fast, and far faster on a shared, busy CPU.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

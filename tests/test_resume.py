@@ -18,11 +18,11 @@ BIN = Path(sys.executable).parent
 # Augmentation stays on: a resumed run must replay its random crops too (RNG state restored).
 TINY = ["data=digits", "data.batch_size=16", "logger.pictures=false", "seed=5", "trainer.log_every_n_steps=5"]
 SPACE = ["space=nb201", "space.supernet.C=4", "space.supernet.N=1"]
-SEARCH = [*TINY, *SPACE, "trainer.max_epochs=2", "+trainer.limit_train_batches=12", "+trainer.limit_val_batches=1",
+SEARCH = [*TINY, *SPACE, "trainer.max_epochs=2", "+trainer.limit_train_batches=30", "+trainer.limit_val_batches=1",
           "retrain.enabled=false"]  # fmt: skip
 RETRAIN = [
     *TINY, "genotype=NB201_RESNET", "network.C=4", "network.N=1", "retrain.trainer.max_epochs=2",
-    "+retrain.trainer.limit_train_batches=12", "+retrain.trainer.limit_val_batches=1", "+retrain.trainer.limit_test_batches=2",
+    "+retrain.trainer.limit_train_batches=60", "+retrain.trainer.limit_val_batches=1", "+retrain.trainer.limit_test_batches=2",
 ]  # fmt: skip
 
 
@@ -43,11 +43,12 @@ def run_killed_mid_epoch_then_resumed(app, run_dir, args):
     ckpts = run_dir / "checkpoints"
     proc = start(app, run_dir, *args)
     deadline = time.monotonic() + 300
-    while not (ckpts / "epoch=000.ckpt").exists():
+    # last.ckpt is written after epoch=000.ckpt (each by a rename): wait for both.
+    while not ((ckpts / "epoch=000.ckpt").exists() and (ckpts / "last.ckpt").exists()):
         assert proc.poll() is None, proc.stderr.read()[-4000:]
         assert time.monotonic() < deadline
-        time.sleep(0.05)
-    time.sleep(0.3)  # into the second (last) epoch, which takes seconds here
+        time.sleep(0.02)
+    time.sleep(0.1)  # into the second (last) epoch, which takes a second or more here
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (ckpts / "epoch=001.ckpt").exists(), "killed too late: the second epoch had ended"
