@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import resource
-import time
+
+from trainer_timing import timed_fit  # bench/ is on sys.path when run as a script
 
 
 def main() -> None:
@@ -27,7 +27,6 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0)
     args = p.parse_args()
 
-    import pytorch_lightning as pl
     import torch
     from nni.nas.evaluator.pytorch import ClassificationModule
     from nni.nas.hub.pytorch import DARTS, NasBench201
@@ -50,36 +49,9 @@ def main() -> None:
     module.set_model(supernet)
     oneshot = strategy.configure_oneshot_module(module)
 
-    def batch():
-        return torch.randn(args.batch, 3, 32, 32), torch.randint(0, 10, (args.batch,))
-
-    pair = {"train": batch(), "val": batch()}
-    loader = torch.utils.data.DataLoader([pair] * (args.warmup + args.steps), batch_size=None)
-
-    class Timer(pl.Callback):
-        def __init__(self):
-            self.times, self.cpu = [], []
-
-        def on_train_batch_start(self, *a):
-            self._t, self._c = time.perf_counter(), time.process_time()
-
-        def on_train_batch_end(self, *a):
-            self.times.append(time.perf_counter() - self._t)
-            self.cpu.append(time.process_time() - self._c)
-
-    timer = Timer()
-    trainer = pl.Trainer(
-        max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, callbacks=[timer],
-        accelerator="cpu", devices=1,
-    )
-    trainer.fit(oneshot, train_dataloaders=loader)
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({
-        "times": timer.times[args.warmup:], "cpu": timer.cpu[args.warmup:], "peak_rss_mb": round(peak_kb / 1024, 1),
-        "threads": torch.get_num_threads(), "torch": torch.__version__,
-        "params": sum(p.numel() for p in supernet.parameters()),
-    }))
+    result = timed_fit(oneshot, args.batch, args.steps, args.warmup)
+    print(json.dumps({**result, "torch": torch.__version__,
+                      "params": sum(p.numel() for p in supernet.parameters())}))
 
 
 if __name__ == "__main__":

@@ -27,12 +27,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from trainer_timing import bilevel_pair, timed_fit  # bench/ is on sys.path when run as a script
 
 ROOT = Path(__file__).resolve().parent.parent
 CELLS = {"nb201": 5, "darts": 8}  # NB201: cells per stage (N); DARTS: cells (layers)
@@ -46,46 +47,15 @@ def _our_supernet(space: str, C: int, cells: int, partial: int = 1):
     return DartsSupernet(C=C, layers=cells, num_classes=10, partial_channels=partial)
 
 
-def _pair(batch: int):
-    import torch
-
-    def one():
-        return torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
-
-    return {"train": one(), "val": one()}
-
-
 def ours(space: str, C: int, cells: int, batch: int, steps: int, warmup: int) -> dict:
     """Our side: ``DartsSearch`` (order 1, paper defaults) in a real Trainer."""
-    import pytorch_lightning as pl
     import torch
 
     from lightning_modules.darts import DartsSearch
 
     torch.manual_seed(0)
     module = DartsSearch(_our_supernet(space, C, cells), order=1)
-    loader = torch.utils.data.DataLoader([_pair(batch)] * (warmup + steps), batch_size=None)
-
-    class Timer(pl.Callback):
-        times: list = []
-        cpu: list = []
-
-        def on_train_batch_start(self, *a):
-            self._t, self._c = time.perf_counter(), time.process_time()
-
-        def on_train_batch_end(self, *a):
-            self.times.append(time.perf_counter() - self._t)
-            self.cpu.append(time.process_time() - self._c)
-
-    timer = Timer()
-    trainer = pl.Trainer(
-        max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, callbacks=[timer],
-        accelerator="cpu", devices=1,
-    )  # fmt: skip
-    trainer.fit(module, train_dataloaders=loader)
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"times": timer.times[warmup:], "cpu": timer.cpu[warmup:], "peak_rss_mb": round(peak_kb / 1024, 1), "threads": torch.get_num_threads()}
+    return timed_fit(module, batch, steps, warmup)
 
 
 def _best_time(fn, reps: int = 7) -> float:
@@ -140,7 +110,7 @@ def limit(space: str, C: int, cells: int, batch: int) -> dict:
     mm_tp = _flops(mm_fb)["mm"] / _best_time(mm_fb)
     sizes = {"C": C, "N": cells} if space == "nb201" else {"C": C, "layers": cells}
     step = build(space, "darts1", sizes)
-    pair = _pair(batch)
+    pair = bilevel_pair(batch)
     step(pair["train"], pair["val"])  # lazy init outside the count
     flops = _flops(lambda: step(pair["train"], pair["val"]))  # our step, as executed
     net = _our_supernet(space, C, cells)

@@ -15,14 +15,9 @@ from oneshot.spaces.nb201 import NB201Cell
 SPACES = ["nb201", "darts"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Nets this small gain nothing from a second thread; on a busy 2-core machine the OpenMP
-    # hand-off made each forward ~50x slower (200 ms instead of 4 ms).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Nets this small gain nothing from a second thread; on a busy 2-core machine the OpenMP
+# hand-off made each forward ~50x slower (200 ms instead of 4 ms).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(space):
