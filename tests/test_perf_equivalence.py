@@ -27,6 +27,25 @@ def test_box_filter_avg_pool_equals_avg_pool2d(stride, size):
     torch.testing.assert_close(avg_pool_3x3(x_cl, stride), ref(x.detach()))
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("size", [8, 7])
+def test_recomputing_max_pool_equals_max_pool2d(stride, size):
+    """Same output and input gradient as ``nn.MaxPool2d``, ties included, and no int64
+    indices kept for backward."""
+    from oneshot.ops import MaxPool3x3
+
+    x = torch.randn(3, 5, size, size).round(decimals=1).contiguous(memory_format=torch.channels_last)  # ties
+    x.requires_grad_()
+    ref = nn.MaxPool2d(3, stride, padding=1)
+    g = torch.randn_like(ref(x))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.dtype) or t, lambda t: t):
+        y = MaxPool3x3(stride)(x)
+    assert torch.int64 not in saved
+    torch.testing.assert_close(y, ref(x), rtol=0, atol=0)
+    torch.testing.assert_close(torch.autograd.grad(y, x, g)[0], torch.autograd.grad(ref(x), x, g)[0], rtol=0, atol=0)
+
+
 def _small(space, channels_last):
     torch.manual_seed(0)
     if space == "nb201":
@@ -105,3 +124,37 @@ def test_bf16_autocast_supernet_step_is_finite():
         assert avg_pool_3x3(torch.randn(2, 3, 8, 8), 1).dtype == torch.bfloat16
     F.cross_entropy(logits.float(), torch.randint(0, 10, (4,))).backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.arch_parameters())
+
+
+
+@pytest.mark.parametrize("space", ["nb201", "darts"])
+def test_shared_node_relu_equals_one_relu_per_op(space, monkeypatch):
+    """The node's shared ReLU changes nothing but the order of a sum: outputs and BN statistics
+    are bit-identical to every op computing its own ReLU, gradients equal up to rounding (the
+    node's gradient is summed before the ReLU's backward, not after); it runs once per node."""
+    from oneshot import mixed
+
+    net = _small(space, True)
+    ref = copy.deepcopy(net)
+    x = torch.randn(4, 3, 16, 16)
+    relus = []
+    hooks = [m.register_forward_hook(lambda *a: relus.append(1)) for m in net.modules() if isinstance(m, nn.ReLU)]
+    out = net(x)
+    for h in hooks:
+        h.remove()
+    shared_calls = len(relus)
+    monkeypatch.setattr(mixed, "run_op", lambda op, node: op(node.x))  # every op its own ReLU
+    relus.clear()
+    hooks = [m.register_forward_hook(lambda *a: relus.append(1)) for m in ref.modules() if isinstance(m, nn.ReLU)]
+    expected = ref(x)
+    assert torch.equal(out, expected)
+    out.square().sum().backward()
+    expected.square().sum().backward()
+    for (name, a), b in zip(net.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-5, msg=name)  # biases before BN: ~0 +- 1e-6
+    for (name, a), b in zip(net.named_buffers(), ref.buffers()):
+        assert torch.equal(a, b), name
+    # NB201 (N=1: 3 cells): 12 ReLU'd op inputs per cell -> 3 nodes; DARTS: 56 per cell -> 5.
+    per_cell = {"nb201": (12, 3), "darts": (56, 5)}[space]
+    n_cells = sum(1 for m in net.modules() if type(m).__name__ in ("NB201Cell", "SearchCell"))
+    assert len(relus) - shared_calls == n_cells * (per_cell[0] - per_cell[1])

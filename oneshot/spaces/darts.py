@@ -18,7 +18,7 @@ from torch import nn
 
 from oneshot.derive import derive_darts, edge_softmax
 from oneshot.genotypes import DartsGenotype, GenotypeError, validate_darts
-from oneshot.mixed import MixedOp
+from oneshot.mixed import MixedOp, edges_from
 from oneshot.ops import DARTS_PRIMITIVES, FactorizedReduce, ReLUConvBN, Zero, make_op
 from oneshot.spaces.base import SupernetBase
 
@@ -49,19 +49,27 @@ class SearchCell(nn.Module):
         self._zero = Zero(C, C, 2 if reduction else 1)
 
     def forward(self, s0, s1, weights, edge_weights=None):
-        """``edge_weights``: PC-DARTS' normalised edge weights, one per edge, or ``None``."""
+        """``edge_weights``: PC-DARTS' normalised edge weights, one per edge, or ``None``.
+
+        Source by source: the edges leaving a state run together (``edges_from``: its ReLU made
+        once for the up to 16 ops that start with one); node sums keep the source order."""
         states = [self.preprocess0(s0), self.preprocess1(s1)]
-        e = 0
-        for _ in range(self.steps):
-            total = None
-            for h in list(states):
-                out = self.edges[e](h, weights[e])
-                if out is not None and edge_weights is not None:
+        edges = cell_edges(self.steps)
+        totals: dict[int, torch.Tensor] = {}
+        for source in range(self.steps + 1):
+            leaving = [e for e, (_, j) in enumerate(edges) if j == source]
+            outs = edges_from(states[source], [self.edges[e] for e in leaving], [weights[e] for e in leaving])
+            for e, out in zip(leaving, outs):
+                if out is None:
+                    continue
+                if edge_weights is not None:
                     out = edge_weights[e] * out
-                e += 1
-                if out is not None:
-                    total = out if total is None else total + out
-            states.append(total if total is not None else self._zero(states[0]))
+                t = edges[e][0]
+                totals[t] = out if t not in totals else totals[t] + out
+            if source >= 1:  # every edge into node source + 1 has now run
+                states.append(totals.pop(source + 1, None))
+                if states[-1] is None:
+                    states[-1] = self._zero(states[0])
         return torch.cat(states[-self.multiplier :], dim=1)
 
 

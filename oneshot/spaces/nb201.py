@@ -16,7 +16,7 @@ from torch import nn
 
 from oneshot.derive import derive_nb201
 from oneshot.genotypes import GenotypeError, NB201Genotype
-from oneshot.mixed import MixedOp
+from oneshot.mixed import MixedOp, edges_from
 from oneshot.ops import NB201_PRIMITIVES, ReLUConvBN
 from oneshot.spaces.base import SupernetBase
 
@@ -45,16 +45,17 @@ class NB201Cell(nn.Module):
         self.edges = nn.ModuleList(MixedOp(C, C, 1, cands, affine=affine) for cands in candidates)
 
     def forward(self, x, weights):
-        nodes = [x]
-        for j in range(1, N_NODES):
-            total = None
-            for e, (target, source) in enumerate(EDGES):
-                if target != j:
-                    continue
-                out = self.edges[e](nodes[source], weights[e])
+        # Source by source: the edges leaving node i share its ReLU (oneshot.mixed.edges_from);
+        # node j sums its inputs in source order, as the benchmark does.
+        nodes, totals = [x], [None] * N_NODES
+        for i in range(N_NODES - 1):
+            leaving = [e for e, (_, source) in enumerate(EDGES) if source == i]
+            outs = edges_from(nodes[i], [self.edges[e] for e in leaving], [weights[e] for e in leaving])
+            for e, out in zip(leaving, outs):
                 if out is not None:
-                    total = out if total is None else total + out
-            nodes.append(total if total is not None else torch.zeros_like(x))
+                    t = EDGES[e][0]
+                    totals[t] = out if totals[t] is None else totals[t] + out
+            nodes.append(totals[i + 1] if totals[i + 1] is not None else torch.zeros_like(x))
         return nodes[-1]
 
 
