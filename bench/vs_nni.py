@@ -9,7 +9,10 @@ round by round, so a noisy machine slows both alike. Quote the medians.
 The limit: the same run measures this CPU's dense 3x3 conv (forward + backward) and matmul
 throughput, counts the FLOPs of one of our search steps with ``torch.utils.flop_counter``
 (convolutions and matmuls, forward and backward, as executed), and prints the lower-bound step
-time ``conv_flops / conv_throughput + mm_flops / mm_throughput`` and our ratio to it.
+time ``conv_flops / conv_throughput + mm_flops / mm_throughput`` and our ratio to it. A second,
+tighter floor: every conv kernel call of our step (forward and backward, recorded below
+autograd) replayed alone at its own shape and layout, summed (``step_convs_alone_s``): the time
+the library's kernels need for exactly these convs, with no framework around them.
 
 NNI is not a dependency of this project: its side runs ``bench/nni_step.py`` under the python of
 a separate venv (default ``/work/nni-venv``; ``--nni-python`` or ``$NNI_PYTHON`` to change), made
@@ -81,6 +84,52 @@ def _flops(fn) -> dict[str, int]:
     return out
 
 
+def _conv_calls(fn) -> dict:
+    """Every convolution kernel call (forward and backward) ``fn`` makes, below autograd, as
+    {(op, argument description): (count, args)}."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    aten = torch.ops.aten
+    kinds = (aten.convolution.default, aten.convolution_backward.default)
+
+    def describe(a):
+        if isinstance(a, torch.Tensor):
+            return ("T", tuple(a.shape), tuple(a.stride()), str(a.dtype))
+        return tuple(describe(b) for b in a) if isinstance(a, (list, tuple)) else a
+
+    calls = {}
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in kinds:
+                key = (str(func), describe(args))
+                n, _ = calls.get(key, (0, None))
+                calls[key] = (n + 1, (func, args))
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        fn()
+    return calls
+
+
+def _kernels_alone_s(calls: dict) -> float:
+    """Seconds the recorded conv calls take when each runs alone at its own shape and layout
+    (best of 5, times its count): what the library's kernels achieve on exactly this step's convs."""
+    import torch
+
+    def fresh(a):
+        if isinstance(a, torch.Tensor):
+            return torch.empty_strided(a.shape, a.stride(), dtype=a.dtype).normal_()
+        return type(a)(fresh(b) for b in a) if isinstance(a, (list, tuple)) else a
+
+    total = 0.0
+    for n, (func, args) in calls.values():
+        replay = fresh(args)
+        total += n * _best_time(lambda func=func, replay=replay: func(*replay), reps=5)
+    return total
+
+
 def limit(space: str, C: int, cells: int, batch: int) -> dict:
     """Machine throughput, FLOPs of one of our search steps, and the lower-bound step time."""
     import torch
@@ -121,12 +170,16 @@ def limit(space: str, C: int, cells: int, batch: int) -> dict:
 
     ref = _flops(reference)
     bound = flops["conv"] / conv_tp + flops["mm"] / mm_tp
+    # The same step's own convs, each timed alone: the floor at these (small) shapes.
+    kernels_s = _kernels_alone_s(_conv_calls(lambda: step(pair["train"], pair["val"])))
     return {
         "conv_gflops_per_s": round(conv_tp / 1e9, 1), "mm_gflops_per_s": round(mm_tp / 1e9, 1),
         "step_gflop_conv": round(flops["conv"] / 1e9, 1), "step_gflop_mm": round(flops["mm"] / 1e9, 2),
         "full_fwd_bwd_x2_gflop": round((ref["conv"] + ref["mm"]) / 1e9, 1),
         "lower_bound_s": round(bound, 3),
         "lower_bound_full_fwd_bwd_x2_s": round(ref["conv"] / conv_tp + ref["mm"] / mm_tp, 3),
+        "step_convs_alone_s": round(kernels_s, 3),
+        "step_convs_alone_gflops_per_s": round(flops["conv"] / kernels_s / 1e9, 1),
     }  # fmt: skip
 
 
@@ -187,6 +240,7 @@ def main() -> None:
             "cpu_ratio_ours_to_nni": round(ours_cpu / nni_cpu, 3),
             "ours_peak_rss_mb": ours_mb, "nni_peak_rss_mb": nni_mb, "rss_ratio_ours_to_nni": round(ours_mb / nni_mb, 3),
             **bound, "ratio_to_lower_bound": round(ours_s / bound["lower_bound_s"], 3),
+            "ratio_to_step_convs_alone": round(ours_s / bound["step_convs_alone_s"], 3),
             "load_avg_1min_during_runs": round(statistics.median(load), 2),
         }))  # fmt: skip
 

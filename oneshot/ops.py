@@ -140,11 +140,16 @@ class _MaxPool3x3(torch.autograd.Function):
     again there: ``max_pool2d`` keeps int64 indices, twice the bytes of its output, for every
     max-pool op of the supernet (the input is kept alive by the node's other ops anyway)."""
 
+    generate_vmap_rule = True  # torch.func transforms (TE-NAS' vectorised NTK) work through it
+
     @staticmethod
-    def forward(ctx, x, stride):
-        ctx.save_for_backward(x)
-        ctx.stride = stride
+    def forward(x, stride):
         return F.max_pool2d(x, 3, stride, 1)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, ctx.stride = inputs
+        ctx.save_for_backward(x)
 
     @staticmethod
     def backward(ctx, grad):
