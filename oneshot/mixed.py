@@ -17,9 +17,9 @@ only ``C/K`` channels go through the candidate ops, the rest bypass the edge, an
 channel-shuffled so every channel gets its turn across cells.
 
 Every candidate that starts with a ReLU (ReLU-Conv-BN, separable and dilated convs) reads one
-shared ``relu(node)`` (``NodeInput``, ``edges_from``): computed, and kept for backward, once per
-node instead of once per op per edge. The DARTS space has 4 such ops on each of up to 5 edges
-leaving a node: its search step saves 16% fewer activations for backward.
+shared ``relu(node)`` (``NodeInput``, ``add_edges_from``): computed, and kept for backward, once
+per node instead of once per op per edge. The DARTS space has 4 such ops on each of up to 5
+edges leaving a node: its search step saves 15% fewer activations for backward.
 """
 
 from __future__ import annotations
@@ -63,11 +63,27 @@ def run_op(op: nn.Module, node: NodeInput) -> torch.Tensor:
     return op(node.x, relu_x=node.relu(first_relu))
 
 
-def edges_from(x: torch.Tensor, edges: Sequence[MixedOp], weights: Sequence) -> list:
-    """``[edge(x, w) for edge, w in zip(edges, weights)]`` for edges that all read node ``x``,
-    with the node's ReLU made once for all their ops that start with one."""
+def leaving_edges(edges: Sequence[tuple[int, int]]) -> dict[int, list[tuple[int, int]]]:
+    """``{source: [(edge index, target), ...]}`` for a cell's ``(target, source)`` edge list."""
+    out: dict[int, list[tuple[int, int]]] = {}
+    for e, (target, source) in enumerate(edges):
+        out.setdefault(source, []).append((e, target))
+    return out
+
+
+def add_edges_from(x: torch.Tensor, leaving, edges: Sequence[MixedOp], weights: Sequence, totals: dict,
+                   edge_weights=None) -> None:  # fmt: skip
+    """Run the edges ``leaving`` node ``x`` (``(edge index, target)`` pairs) with the node's ReLU
+    made once for all their ops that start with one, adding each output (times
+    ``edge_weights[e]`` where given) into ``totals[target]``, in the order of ``leaving``."""
     node = NodeInput(x)
-    return [edge(node, w) for edge, w in zip(edges, weights)]
+    for e, target in leaving:
+        out = edges[e](node, weights[e])
+        if out is None:
+            continue
+        if edge_weights is not None:
+            out = edge_weights[e] * out
+        totals[target] = out if target not in totals else totals[target] + out
 
 
 def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:

@@ -18,7 +18,7 @@ from torch import nn
 
 from oneshot.derive import derive_darts, edge_softmax
 from oneshot.genotypes import DartsGenotype, GenotypeError, validate_darts
-from oneshot.mixed import MixedOp, edges_from
+from oneshot.mixed import MixedOp, add_edges_from, leaving_edges
 from oneshot.ops import DARTS_PRIMITIVES, FactorizedReduce, ReLUConvBN, Zero, make_op
 from oneshot.spaces.base import SupernetBase
 
@@ -47,29 +47,20 @@ class SearchCell(nn.Module):
             for e, (_, j) in enumerate(cell_edges(steps))
         )
         self._zero = Zero(C, C, 2 if reduction else 1)
+        self._leaving = leaving_edges(cell_edges(steps))
 
     def forward(self, s0, s1, weights, edge_weights=None):
         """``edge_weights``: PC-DARTS' normalised edge weights, one per edge, or ``None``.
 
-        Source by source: the edges leaving a state run together (``edges_from``: its ReLU made
-        once for the up to 16 ops that start with one); node sums keep the source order."""
+        Source by source: the edges leaving a state run together (``add_edges_from``: its ReLU
+        made once for the up to 16 ops that start with one); node sums keep the source order."""
         states = [self.preprocess0(s0), self.preprocess1(s1)]
-        edges = cell_edges(self.steps)
         totals: dict[int, torch.Tensor] = {}
         for source in range(self.steps + 1):
-            leaving = [e for e, (_, j) in enumerate(edges) if j == source]
-            outs = edges_from(states[source], [self.edges[e] for e in leaving], [weights[e] for e in leaving])
-            for e, out in zip(leaving, outs):
-                if out is None:
-                    continue
-                if edge_weights is not None:
-                    out = edge_weights[e] * out
-                t = edges[e][0]
-                totals[t] = out if t not in totals else totals[t] + out
+            add_edges_from(states[source], self._leaving[source], self.edges, weights, totals, edge_weights)
             if source >= 1:  # every edge into node source + 1 has now run
-                states.append(totals.pop(source + 1, None))
-                if states[-1] is None:
-                    states[-1] = self._zero(states[0])
+                out = totals.pop(source + 1, None)
+                states.append(out if out is not None else self._zero(states[0]))
         return torch.cat(states[-self.multiplier :], dim=1)
 
 

@@ -16,12 +16,13 @@ from torch import nn
 
 from oneshot.derive import derive_nb201
 from oneshot.genotypes import GenotypeError, NB201Genotype
-from oneshot.mixed import MixedOp, edges_from
+from oneshot.mixed import MixedOp, add_edges_from, leaving_edges
 from oneshot.ops import NB201_PRIMITIVES, ReLUConvBN
 from oneshot.spaces.base import SupernetBase
 
 N_NODES = 4
 EDGES = [(j, i) for j in range(1, N_NODES) for i in range(j)]  # (target, source)
+LEAVING = leaving_edges(EDGES)
 
 
 class ResNetBasicBlock(nn.Module):
@@ -45,17 +46,13 @@ class NB201Cell(nn.Module):
         self.edges = nn.ModuleList(MixedOp(C, C, 1, cands, affine=affine) for cands in candidates)
 
     def forward(self, x, weights):
-        # Source by source: the edges leaving node i share its ReLU (oneshot.mixed.edges_from);
+        # Source by source: the edges leaving node i share its ReLU (oneshot.mixed.add_edges_from);
         # node j sums its inputs in source order, as the benchmark does.
-        nodes, totals = [x], [None] * N_NODES
+        nodes, totals = [x], {}
         for i in range(N_NODES - 1):
-            leaving = [e for e, (_, source) in enumerate(EDGES) if source == i]
-            outs = edges_from(nodes[i], [self.edges[e] for e in leaving], [weights[e] for e in leaving])
-            for e, out in zip(leaving, outs):
-                if out is not None:
-                    t = EDGES[e][0]
-                    totals[t] = out if totals[t] is None else totals[t] + out
-            nodes.append(totals[i + 1] if totals[i + 1] is not None else torch.zeros_like(x))
+            add_edges_from(nodes[i], LEAVING[i], self.edges, weights, totals)
+            out = totals.pop(i + 1, None)
+            nodes.append(out if out is not None else torch.zeros_like(x))
         return nodes[-1]
 
 
