@@ -45,7 +45,8 @@ def frozen(params):
 
 
 def unrolled_arch_gradient(model, arch_params, weight_params, train_batch, val_batch, xi, momentum=0.0,
-                           weight_decay=0.0, momentum_buffers=None, all_reduce=all_reduce_mean):  # fmt: skip
+                           weight_decay=0.0, momentum_buffers=None, all_reduce=all_reduce_mean,
+                           radius=0.01):  # fmt: skip
     """The second-order DARTS hypergradient for ``arch_params``, and the validation loss at w'.
 
     Weights are changed in place for the virtual step and the finite differences and restored
@@ -71,7 +72,8 @@ def unrolled_arch_gradient(model, arch_params, weight_params, train_batch, val_b
 
     # 3. Hessian-vector product grad^2_{alpha,w} L_train(w, alpha) . v by central differences
     #    around the original w (not w'), as in the paper.
-    eps = 0.01 / torch.cat([t.reshape(-1) for t in v]).norm()
+    #    ``radius``: the perturbation's norm, the paper's 0.01 (tests shrink it below ReLU kinks).
+    eps = radius / torch.cat([t.reshape(-1) for t in v]).norm()
     hvp_terms = []
     for sign in (1.0, -1.0):
         _set_(weight_params, [b + sign * eps * t for b, t in zip(backup, v)])
@@ -96,6 +98,8 @@ class DartsSearch(SearchModule):
         super().__init__(supernet)
         if order not in (1, 2):
             raise ValueError(f"strategy.order must be 1 or 2, got {order!r}")
+        if grad_clip is None or grad_clip < 0:  # torch clips by a negative norm by flipping every gradient's sign
+            raise ValueError(f"strategy.grad_clip={grad_clip} is out of range; valid: a number >= 0 (0 = off)")
         self.order, self.w_lr_min, self.grad_clip, self.warmup_epochs = order, w_lr_min, grad_clip, warmup_epochs
         self.w_optimizer = w_optimizer or (lambda params: torch.optim.SGD(params, 0.025, 0.9, weight_decay=3e-4))
         self.a_optimizer = a_optimizer or (

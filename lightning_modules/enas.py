@@ -95,6 +95,13 @@ class EnasSearch(SearchModule):
                 f"strategy.controller_every ({controller_every}) and strategy.controller_steps_per_batch "
                 f"({controller_steps_per_batch}) must be >= 1; freeze the controller with warmup_epochs"
             )
+        # Checked here, not after the whole search where derive_genotype would meet them.
+        if derive_samples < 0 or derive_batches < 1:
+            key, value = ("derive_samples", derive_samples) if derive_samples < 0 else ("derive_batches", derive_batches)
+            valid = "an integer >= 0 (0 = the most likely architecture)" if key == "derive_samples" else "an integer >= 1"
+            raise ValueError(f"strategy.{key}={value} is out of range; valid: {valid}")
+        if grad_clip is None or grad_clip < 0:
+            raise ValueError(f"strategy.grad_clip={grad_clip} is out of range; valid: a number >= 0 (0 = off)")
         self.controller = Controller.for_supernet(supernet, **(controller_kwargs or {}))
         self.reinforce = Reinforce(**(reinforce_kwargs or {}))
         self.w_lr_min, self.grad_clip, self.warmup_epochs = w_lr_min, grad_clip, warmup_epochs

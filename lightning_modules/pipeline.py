@@ -28,6 +28,13 @@ from pytorch_lightning.utilities import rank_zero_only
 from lightning_modules.base import check_ranks_agree
 from lightning_modules.pictures import ArchitecturePictures, finish_pictures
 from lightning_modules.retrain import Retrain
+from lightning_modules.retrain_recipes import network_size, resolve_recipe
+from lightning_modules.run_safety import (
+    checkpoint_stage,
+    last_checkpoint,
+    progress,
+    read_checkpoint,
+)
 from lightning_modules.runs import (
     atomic_write_json,
     atomic_write_text,
@@ -36,6 +43,7 @@ from lightning_modules.runs import (
     resolve_run_dir,
 )
 from oneshot.data import RetrainDataModule, SearchDataModule
+from oneshot.genotypes import parse as parse_genotype
 from oneshot.genotypes import resolve as resolve_genotype
 from oneshot.spaces import build_network
 
@@ -60,6 +68,9 @@ def build_supernet(cfg: DictConfig, info, candidates=None):
 
 def search(cfg: DictConfig) -> dict:
     """Search, derive and (unless ``retrain.enabled=false``) retrain; returns the report."""
+    if cfg.retrain.enabled:  # a bad retraining value stops the run now, not after the search
+        resolve_recipe(cfg, cfg.space.get("name"))
+    _check_ckpt_path(cfg, ("search", "retrain"))  # a bad checkpoint stops here, before the run directory
     run_dir = resolve_run_dir(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = SearchDataModule(**_data_kwargs(cfg.data, seed=cfg.seed))
@@ -74,12 +85,14 @@ def search(cfg: DictConfig) -> dict:
     loggers = make_loggers(cfg, run_dir)
     start = time.perf_counter()
     draw = _draw_pictures(cfg)
+    search_from = _ckpt(cfg, run_dir, "search")
+    resumed_at = progress(read_checkpoint(search_from)) if search_from else None  # before fit moves it on
     try:
         trainer = make_trainer(cfg.trainer, run_dir, loggers, callbacks=[ArchitecturePictures(run_dir)] if draw else [])
         if getattr(module, "training_free", False):  # TE-NAS: the search is a prune; no fit, no checkpoints
             module.search_without_training(datamodule, run_dir)
         else:
-            trainer.fit(module, datamodule=datamodule, ckpt_path=_ckpt(cfg, run_dir))
+            trainer.fit(module, datamodule=datamodule, ckpt_path=search_from)
         search_seconds = time.perf_counter() - start
         genotype = module.derive_genotype()
         ranks = check_ranks_agree(module, genotype)  # DDP: every rank derived the same
@@ -101,7 +114,8 @@ def search(cfg: DictConfig) -> dict:
         if cfg.retrain.enabled:
             network_kwargs = OmegaConf.to_container(cfg.space.network, resolve=True)
             retrain_dir = run_dir / "retrain"  # a resumed search resumes its retraining too
-            report["retrain"] = retrain_genotype(genotype, cfg, retrain_dir, network_kwargs, loggers, _ckpt(cfg, retrain_dir))
+            ckpt = _ckpt(cfg, retrain_dir, "retrain", search=(run_dir, resumed_at))
+            report["retrain"] = retrain_genotype(genotype, cfg, retrain_dir, network_kwargs, loggers, ckpt)
             if trainer.is_global_zero:
                 atomic_write_json(run_dir / "report.json", report)
         finish_pictures(loggers, run_dir, report, draw=draw)
@@ -114,14 +128,18 @@ def search(cfg: DictConfig) -> dict:
 
 
 def retrain(cfg: DictConfig) -> dict:
-    """Retrain ``cfg.genotype`` (a file, a published name or a string) from scratch."""
-    run_dir = resolve_run_dir(cfg)
+    """Retrain ``cfg.genotype`` (a file, a published name or a string) from scratch, at the
+    ``size`` preset of its space and with its space's recipe unless ``retrain=`` names one."""
     genotype = resolve_genotype(cfg.genotype)
+    network_kwargs = network_size(genotype.space, cfg.get("size", "paper"), cfg.network)
+    _check_network_kwargs(genotype, network_kwargs)
+    resolve_recipe(cfg, genotype.space)  # bad values stop here, before the run directory is made
+    _check_ckpt_path(cfg, ("retrain",))
+    run_dir = resolve_run_dir(cfg)
     loggers = make_loggers(cfg, run_dir)
     try:
-        network_kwargs = {k: v for k, v in OmegaConf.to_container(cfg.network, resolve=True).items() if v is not None}
         report = {"genotype": str(genotype), "space": genotype.space}
-        report["retrain"] = retrain_genotype(genotype, cfg, run_dir, network_kwargs, loggers, _ckpt(cfg, run_dir))
+        report["retrain"] = retrain_genotype(genotype, cfg, run_dir, network_kwargs, loggers, _ckpt(cfg, run_dir, "retrain"))
         finish_pictures(loggers, run_dir, report, draw=_draw_pictures(cfg))
     except BaseException:
         _finish(loggers, exit_code=1)
@@ -132,12 +150,15 @@ def retrain(cfg: DictConfig) -> dict:
 
 
 def retrain_genotype(genotype, cfg, out_dir: Path, network_kwargs: dict, loggers=None, ckpt_path=None) -> dict:
+    """Train ``genotype``'s network from scratch with the recipe of its space (conf/retrain/), on the
+    training set less a validation part; the test set is used once, after training."""
+    rcfg = resolve_recipe(cfg, genotype.space)
     pl.seed_everything(cfg.seed, workers=True)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rcfg = cfg.retrain
     datamodule = RetrainDataModule(
-        **_data_kwargs(cfg.data, drop=("split",), batch_size=rcfg.batch_size, seed=cfg.seed), cutout=rcfg.cutout
-    )
+        **_data_kwargs(cfg.data, drop=("split",), batch_size=rcfg.batch_size, seed=cfg.seed),
+        val_split=rcfg.val_split, cutout=rcfg.cutout,
+    )  # fmt: skip
     info = datamodule.info
     _check_network_kwargs(genotype, network_kwargs)
     network = build_network(
@@ -151,14 +172,20 @@ def retrain_genotype(genotype, cfg, out_dir: Path, network_kwargs: dict, loggers
     # Not struct: retrain.trainer may set Trainer arguments that the search's trainer leaves out.
     trainer_cfg = OmegaConf.merge(OmegaConf.to_container(cfg.trainer, resolve=True), rcfg.trainer)
     retrain_loggers = make_loggers(cfg, out_dir, wandb_from=loggers)
-    trainer = make_trainer(trainer_cfg, out_dir, retrain_loggers, gradient_clip_val=rcfg.grad_clip or None)
+    no_val = {"limit_val_batches": 0} if not rcfg.val_split else {}  # val_split=0: no validation loop
+    trainer = make_trainer(trainer_cfg, out_dir, retrain_loggers, gradient_clip_val=rcfg.grad_clip or None, **no_val)
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     seconds = time.perf_counter() - start
-    tested = trainer.test(module, datamodule=datamodule, verbose=False)
+    val_acc = trainer.callback_metrics.get("val/acc")  # the last epoch's, on the held-out training images
+    tested = trainer.test(module, datamodule=datamodule, verbose=False)  # the one use of the test set
     params = sum(p.numel() for n, p in network.named_parameters() if "auxiliary" not in n)
     result = {
         "test_acc": round(float(tested[0]["test/acc"]), 4) if tested else None,
+        "val_acc": round(float(val_acc), 4) if val_acc is not None else None,
+        "images": {"train": len(datamodule.train_set), "val": len(datamodule.val_set or ()),
+                   "test": len(datamodule.splits.y_test)},  # fmt: skip
+        "recipe": OmegaConf.to_container(rcfg, resolve=True),
         "retrain_seconds": round(seconds, 1),
         "parameters": params,
         "network": network_kwargs,
@@ -192,19 +219,72 @@ def _check_network_kwargs(genotype, network_kwargs: dict) -> None:
 
 
 def load_network(path) -> torch.nn.Module:
-    """Rebuild an exported network (``retrain/network.pt``) with its trained weights."""
-    bundle = torch.load(path, map_location="cpu", weights_only=False)
-    network = build_network(resolve_genotype(bundle["genotype"]), **bundle["network_kwargs"])
-    network.load_state_dict(bundle["state_dict"])
+    """Rebuild an exported network (``retrain/network.pt``) with its trained weights.
+
+    The file is read with ``weights_only=True``: an export holds a genotype string, a dict of
+    sizes and tensors, and a downloaded file that would run code when unpickled is refused."""
+    not_ours = f"{path} is not a oneshot export (retrain/network.pt: a genotype string, network sizes and weights)"
+    try:
+        bundle = torch.load(path, map_location="cpu", weights_only=True)
+    except (FileNotFoundError, IsADirectoryError):
+        raise FileNotFoundError(f"{path}: no such file (an export is RUN_DIR/retrain/network.pt)") from None
+    except Exception as e:
+        unsafe = "weights_only" in str(e)
+        raise ValueError(f"{not_ours}: it cannot be loaded safely" if unsafe else f"{not_ours}: it cannot be read") from None
+    kwargs = bundle.get("network_kwargs") if isinstance(bundle, dict) else None
+    ok = (isinstance(kwargs, dict) and isinstance(bundle.get("genotype"), str) and isinstance(bundle.get("state_dict"), dict)
+          and all(isinstance(k, str) and isinstance(v, int | float | bool | None) for k, v in kwargs.items()))  # fmt: skip
+    if not ok:
+        raise ValueError(not_ours)
+    try:  # parse, not resolve: a string inside a downloaded file never names a file to read
+        network = build_network(parse_genotype(bundle["genotype"]), **kwargs)
+        network.load_state_dict(bundle["state_dict"])
+    except (ValueError, TypeError, RuntimeError, KeyError) as e:
+        raise ValueError(f"{path}: the export does not rebuild ({str(e).splitlines()[0][:200]})") from None
     return network.eval()
 
 
-def _ckpt(cfg, run_dir: Path):
-    ckpt = cfg.get("ckpt_path")
-    if ckpt == "last":
-        last = run_dir / "checkpoints" / "last.ckpt"
-        return str(last) if last.exists() else None
-    return ckpt
+def _check_ckpt_path(cfg, stages: tuple[str, ...]) -> None:
+    """An explicit ``ckpt_path`` must be a checkpoint of one of ``stages``, read safely; checked
+    before anything is written (``ckpt_path=last`` is resolved per stage by ``_ckpt``)."""
+    spec = cfg.get("ckpt_path")
+    if not spec or spec == "last":
+        return
+    kind = checkpoint_stage(read_checkpoint(spec))
+    if kind is None:
+        raise ValueError(f"ckpt_path={spec} is not a oneshot checkpoint: its weights are neither a search's supernet "
+                         "nor a retrained network")  # fmt: skip
+    if kind not in stages:
+        raise ValueError(f"ckpt_path={spec} is a search checkpoint (a supernet); oneshot-retrain resumes a retraining: "
+                         "give RUN_DIR/checkpoints/last.ckpt of an oneshot-retrain run, or ckpt_path=last")  # fmt: skip
+
+
+def _ckpt(cfg, stage_dir: Path, stage: str, search: tuple | None = None):
+    """The checkpoint that ``stage`` ("search" or "retrain", writing into ``stage_dir``) resumes
+    from: ``ckpt_path=last`` means the stage's own latest one, an explicit file applies to the
+    stage it belongs to (told by its contents), and the other stage continues from its own.
+
+    A search's retraining (``search=(search_dir, (epoch, step) the search resumed from)``)
+    continues only if the search did not train past that point; otherwise the genotype may
+    have changed and the retraining starts over."""
+    spec = cfg.get("ckpt_path")
+    if not spec:
+        return None
+    own_last = last_checkpoint(stage_dir / "checkpoints")
+    explicit = None if spec == "last" else read_checkpoint(spec)
+    if explicit is not None and checkpoint_stage(explicit) == stage:
+        chosen = str(Path(spec).expanduser())
+    elif explicit is not None and stage == "search" and own_last is None:
+        raise ValueError(f"ckpt_path={spec} is a retraining checkpoint, but {stage_dir} holds no search checkpoint to "
+                         "continue first; resume the retraining alone with oneshot-retrain, or give a search checkpoint")  # fmt: skip
+    else:
+        chosen = str(own_last) if own_last else None
+    if stage == "retrain" and search is not None and (explicit is None or checkpoint_stage(explicit) != stage):
+        search_dir, resumed_at = search
+        search_last = last_checkpoint(search_dir / "checkpoints")
+        moved_on = search_last is not None and progress(read_checkpoint(search_last)) != resumed_at
+        return None if moved_on else chosen
+    return chosen
 
 
 def _draw_pictures(cfg) -> bool:

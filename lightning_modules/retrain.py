@@ -1,6 +1,8 @@
-"""Retraining a derived architecture from scratch (the evaluation protocol of DARTS, sec. 3.2):
-SGD with cosine decay, the auxiliary-head loss, a drop-path probability that grows linearly
-over training, and (in the data module) cutout. Defaults are the paper's CIFAR-10 settings.
+"""Retraining a derived architecture from scratch: SGD with cosine decay per epoch, the
+auxiliary-head loss, a drop-path probability that grows linearly over training, and (in the data
+module) Cutout. The values are a recipe (conf/retrain/): DARTS' evaluation protocol (sec. 3.2;
+the defaults here) or NAS-Bench-201's (Nesterov SGD, no auxiliary loss, no drop path). Validation
+runs on images held out of the training set; the test set only in ``test_step``, once.
 """
 
 from __future__ import annotations

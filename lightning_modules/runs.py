@@ -25,11 +25,18 @@ import pytorch_lightning as pl
 import torch
 from lightning_fabric.loggers.logger import rank_zero_experiment
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.callbacks import Callback, ModelCheckpoint, RichProgressBar, TQDMProgressBar
+from pytorch_lightning.callbacks import Callback, RichProgressBar, TQDMProgressBar
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 from pytorch_lightning.utilities import rank_zero_only
+
+from lightning_modules.run_safety import (
+    RunCheckpoint,
+    check_resume,
+    keep_config_history,
+    lock_run_dir,
+)
 
 log = logging.getLogger("oneshot")
 
@@ -65,10 +72,14 @@ def atomic_save(obj, path) -> None:
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's checkpoint writer, but through a temporary file and a rename."""
+    """Lightning's checkpoint writer, but through a temporary file and a rename; its reader
+    never runs code (``ckpt_path`` is a user-supplied file; ours hold only plain types)."""
 
     def save_checkpoint(self, checkpoint, path, storage_options=None):
         atomic_save(checkpoint, path)
+
+    def load_checkpoint(self, path, map_location=lambda storage, loc: storage, weights_only=None):
+        return super().load_checkpoint(path, map_location=map_location, weights_only=True)
 
 
 class _AppendingWriter(ExperimentWriter):
@@ -182,8 +193,16 @@ def resolve_run_dir(cfg: DictConfig) -> Path:
         else:
             stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S-%f")
             run_dir = Path("outputs") / cfg.get("name", "run") / stamp
-    if rank_zero_only.rank == 0:  # the other DDP ranks start after rank 0 wrote here
+    # The other DDP ranks start after rank 0 wrote here, and are the same run: rank 0 holds the
+    # lock. Checked before the lock is taken (a refused run adds no file), then again under it.
+    if rank_zero_only.rank == 0:
         refuse_to_overwrite(run_dir, cfg.get("ckpt_path"))
+        check_resume(run_dir, cfg)
+        lock_run_dir(run_dir)
+        refuse_to_overwrite(run_dir, cfg.get("ckpt_path"))
+        changed = set(check_resume(run_dir, cfg)) - {"ckpt_path", "run_dir"}
+        if changed:  # e.g. more epochs: the config it replaces is kept too
+            atomic_write_text(keep_config_history(run_dir), (run_dir / "config.yaml").read_text())
     run_dir.mkdir(parents=True, exist_ok=True)
     if rank_zero_only.rank == 0:
         atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
@@ -282,8 +301,8 @@ def make_trainer(trainer_cfg: DictConfig, run_dir: Path, loggers, callbacks=(), 
     kwargs = OmegaConf.to_container(trainer_cfg, resolve=True)
     kwargs.update(extra)
     callbacks = [
-        ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=True, save_top_k=-1, every_n_epochs=1,
-                        filename="epoch={epoch:03d}", auto_insert_metric_name=False),
+        RunCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=True, save_top_k=-1, every_n_epochs=1,
+                      filename="epoch={epoch:03d}", auto_insert_metric_name=False),
         RNGState(),
         *callbacks,
     ]  # fmt: skip

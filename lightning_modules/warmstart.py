@@ -5,6 +5,8 @@ Gong, Wang, ICLR 2021) on real training images of the configured datamodule unti
 edge remain, then DARTS or ENAS searches a supernet built with only those ops (``candidates=``):
 pruned ops have no parameters and no compute, and the alphas cover only the survivors.
 ``strategy=tenas`` (``lightning_modules/tenas.py``) runs the same prune to one op per edge.
+In the DARTS space K >= 2: at K=1 TE-NAS also chooses two inputs per node, which a supernet of
+one op per edge cannot carry to the search (``DARTS_KEEP_1``); that result is ``strategy=tenas``.
 
 Every DDP rank runs this before the Trainer (and its process group) exists, so the ranks cannot
 compare notes; they agree because the decision is a deterministic function of (seed, data,
@@ -30,7 +32,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -140,6 +142,34 @@ def _write_history(run_dir: Path, stem: str, result: PruneResult, report: dict, 
     )
 
 
+# One op per edge leaves a DARTS supernet nothing to search on an edge, and TE-NAS' choice of
+# inputs (made only at keep=1) cannot be handed over: the alphas of one op get no gradient and
+# derivation would wire every node to inputs 0 and 1. TE-NAS' own answer is strategy=tenas.
+DARTS_KEEP_1 = (
+    "; keep=1 would leave one op per edge for the search and drop TE-NAS' choice of two inputs "
+    "per node: for TE-NAS' own one-op genotype run strategy=tenas space=darts"
+)
+
+
+def check_warmstart_keep(keep, supernet, networks: dict | None = None) -> None:
+    """``warmstart.keep`` must be in ``1..`` the candidates per edge on NB201, ``2..`` on DARTS."""
+    space = tenas_space_of(supernet, 10, 3, networks or {})
+    darts = isinstance(supernet, DartsSupernet)
+    check_keep(keep, space, "warmstart.keep", 2 if darts else 1, DARTS_KEEP_1 if darts else "")
+
+
+def _in_supernet_order(survivors: dict, supernet) -> dict:
+    """Each edge's survivors in the supernet's own op order (the prune visits ops in the
+    reference's), so the smaller supernet lists its ops as the configured one did."""
+    return {
+        t: [
+            tuple(op for op in supernet.candidates[t][e] if op in kept)
+            for e, kept in enumerate(edges)
+        ]
+        for t, edges in survivors.items()
+    }
+
+
 def run_prune(supernet, datamodule, keep: int, options: PruneOptions, run_dir: Path, stem: str,
               group: str) -> tuple[PruneResult, dict]:  # fmt: skip
     """Prune ``supernet``'s space to ``keep`` ops per edge on the datamodule's training images;
@@ -168,6 +198,7 @@ def run_prune(supernet, datamodule, keep: int, options: PruneOptions, run_dir: P
         shared = [result]
         dist.broadcast_object_list(shared, src=0)
         result = shared[0]
+    result = replace(result, survivors=_in_supernet_order(result.survivors, supernet))
     survivors = {t: [list(ops) for ops in edges] for t, edges in result.survivors.items()}
     fingerprint = hashlib.sha256(json.dumps(survivors, sort_keys=True).encode()).hexdigest()[:12]
     report = {
@@ -200,6 +231,7 @@ def run_warmstart(cfg: DictConfig, datamodule, run_dir: Path) -> tuple[dict, dic
     options = PruneOptions.from_config(opts, "warmstart")
     with torch.device("meta"):  # the structure only: no memory, no initialisation
         supernet = build_supernet(cfg, datamodule.info)
+    check_warmstart_keep(keep, supernet, options.networks)  # before any data is loaded
     result, report = run_prune(
         supernet, datamodule, keep, options, run_dir, "warmstart", "warmstart"
     )

@@ -10,6 +10,9 @@ __version__ = "0.1.0"
 
 def search(cfg):
     """Search, derive and retrain as ``oneshot-search`` does; returns the report dict."""
+    from oneshot.validate import check_config
+
+    check_config(cfg)  # before the heavy imports: a bad value is one line, nothing created
     from lightning_modules.pipeline import search as _search
 
     return _search(cfg)
@@ -17,6 +20,9 @@ def search(cfg):
 
 def retrain(cfg):
     """Retrain ``cfg.genotype`` as ``oneshot-retrain`` does; returns the report dict."""
+    from oneshot.validate import check_config
+
+    check_config(cfg)  # before the heavy imports: a bad value is one line, nothing created
     from lightning_modules.pipeline import retrain as _retrain
 
     return _retrain(cfg)

@@ -10,10 +10,15 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
+from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from oneshot import validate
 
 log = logging.getLogger("oneshot")
 
@@ -32,6 +37,17 @@ def _user_error(exc: BaseException) -> BaseException | None:
     seen = exc
     while isinstance(seen, InstantiationException) and seen.__cause__ is not None:
         seen = seen.__cause__
+    disk = validate.disk_error(seen)
+    if disk is not None:
+        return disk
+    if type(seen).__name__ == "MisconfigurationException":  # Lightning's: a Trainer argument it refuses
+        return ValueError(f"trainer: {str(seen).strip().splitlines()[0]}")
+    if isinstance(seen, RuntimeError) and str(seen).startswith("Error(s) in loading state_dict"):
+        lines = [line.strip() for line in str(seen).splitlines() if line.strip()]
+        return ValueError(
+            f"the checkpoint does not fit this run's network (saved by a run with another space, size or "
+            f"strategy?): {' '.join(lines[1:2])[:200]}"
+        )
     if isinstance(seen, MissingMandatoryValue):
         key = getattr(seen, "full_key", None) or "a value"
         return ValueError(f"{key} is required, e.g. {key}=... on the command line (see --help)")
@@ -71,60 +87,86 @@ def _one_run_dir_for_all_ranks(cfg: DictConfig) -> None:
         sys.argv = [sys.argv[0], *hydra_cfg.overrides.task]
 
 
-# Trainer arguments whose default is an int but which also take strings or lists.
-_ANY_TYPE = {"trainer.devices"}
+class RefuseBadStart(Callback):
+    """Checks the composed config before Hydra creates the run directory (``on_run_start``
+    runs before ``run_job`` makes it): a bad value or override ends the app in about a second,
+    before torch and Lightning are imported, and leaves nothing on disk. Registered in
+    ``hydra.callbacks`` of ``conf/search.yaml`` and ``conf/retrain.yaml``."""
 
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        from hydra.core.global_hydra import GlobalHydra
+        from hydra.core.hydra_config import HydraConfig
 
-def _check_override_types(cfg: DictConfig) -> None:
-    """``seed=abc``: a value override must have its default's type (an int for an int, a number
-    for a float, a bool for a bool), checked against the config composed without the values."""
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-    from omegaconf import ListConfig, OmegaConf
-
-    if not HydraConfig.initialized() or not GlobalHydra.instance().is_initialized():
-        return
-    hydra_cfg = HydraConfig.get()
-    groups = set(hydra_cfg.runtime.choices)
-    overrides = [o.split("=", 1) for o in hydra_cfg.overrides.task if "=" in o]
-    values = [(k, v) for k, v in overrides if k not in groups and k[0] not in "+~" and k not in _ANY_TYPE]
-    if not values:
-        return
-    choices = [f"{k}={v}" for k, v in overrides if k.lstrip("+~") in groups]
-    try:
-        defaults = GlobalHydra.instance().hydra.compose_config(hydra_cfg.job.config_name, choices, run_mode=RunMode.RUN)
-    except Exception:  # a checker must never stop a run that Hydra accepted
-        return
-    for key, text in values:
+        global _existed
+        dirs = [config.get("run_dir"), OmegaConf.select(config, "hydra.run.dir", default=None)]
+        _existed = {p for d in dirs if d for p in (Path(d).absolute(), *Path(d).absolute().parents) if p.exists()}
+        pinned = any(o.startswith("hydra.run.dir=") for o in config.hydra.overrides.hydra)
         try:
-            default, value = (OmegaConf.select(c, key, default=None) for c in (defaults, cfg))
-        except Exception:
+            HydraConfig.instance().set_config(config)  # run_job sets it again; the type check reads it now
+            validate.check_override_types(config)
+            datasets = GlobalHydra.instance().config_loader().get_group_options("data")
+            validate.check_config(config, hydra_run_dir=config.hydra.run.dir if pinned else None, datasets=datasets)
+        except validate.ConfigError as err:
+            _refuse(err)
+
+
+# Directories (and their parents) that existed before this start, recorded by RefuseBadStart;
+# None where it did not run (multirun jobs, the Python API): then nothing is removed.
+_existed: set[Path] | None = None
+
+
+def _only_startup_files(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds only what a start writes before any work: Hydra's ``.hydra/``
+    and job log, ``config.yaml``, hidden lock and temporary files."""
+    for p in run_dir.rglob("*"):
+        rel = p.relative_to(run_dir)
+        top = len(rel.parts) == 1
+        if p.is_dir() or rel.parts[0] == ".hydra" or rel.name.startswith(".") or (
+            top and (rel.name == "config.yaml" or rel.suffix == ".log")
+        ):
             continue
-        if default is None or value is None or isinstance(default, str | list | dict | DictConfig | ListConfig):
+        return False
+    return True
+
+
+def _remove_refused_start(cfg: DictConfig) -> None:
+    """A refused start leaves no directory behind: remove the run directories this start
+    created, while they hold nothing but startup files, and the parents it created."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if _existed is None:
+        return
+    dirs = [cfg.get("run_dir"), HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else None]
+    for d in dict.fromkeys(Path(d).absolute() for d in dirs if d):
+        if d in _existed or not d.is_dir() or not _only_startup_files(d):
             continue
-        if isinstance(default, bool):
-            ok, kind = isinstance(value, bool), "true or false"
-        elif isinstance(default, int):
-            ok, kind = isinstance(value, int) and not isinstance(value, bool), "an integer"
-        else:
-            ok, kind = isinstance(value, int | float) and not isinstance(value, bool), "a number"
-        if not ok:
-            raise ValueError(f"{key}={text}: {key} must be {kind} (its default is {default})")
+        shutil.rmtree(d, ignore_errors=True)
+        for parent in d.parents:
+            if parent in _existed:
+                break
+            try:
+                parent.rmdir()  # only if empty
+            except OSError:
+                break
+
+
+def _refuse(err: BaseException) -> None:
+    log.error("error: %s", err)
+    print(f"error: {err}", file=sys.stderr)
+    sys.exit(2)
 
 
 def _run(fn, cfg: DictConfig):
     try:
         _one_run_dir_for_all_ranks(cfg)
-        _check_override_types(cfg)
-        return fn(cfg)
+        validate.check_override_types(cfg)  # again for -m jobs, which RefuseBadStart does not see
+        return fn(cfg)  # oneshot.search / retrain check the values again (the Python API's path)
     except Exception as exc:
         err = _user_error(exc)
         if err is None or os.environ.get("ONESHOT_TRACEBACK"):
             raise
-        log.error("error: %s", err)
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        _remove_refused_start(cfg)
+        _refuse(err)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="search")

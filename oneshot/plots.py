@@ -20,10 +20,12 @@ most likely path).
 from __future__ import annotations
 
 import argparse
+import csv
 import io
 import logging
 import math
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -64,6 +66,14 @@ def write_bytes(path, data: bytes) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def safe_name(text) -> str:
+    """A file-name part made from a string read out of a run's files (a cell type, a metrics
+    column): letters, digits, ``_`` and ``-`` only, so no separator or ``..`` can lead a picture
+    out of ``RUN_DIR/plots``; at most 64 characters."""
+    name = re.sub(r"[^A-Za-z0-9_-]", "_", str(text))[:64]
+    return name or "_"
 
 
 def png_bytes(fig: Figure, dpi: int = 80) -> bytes:
@@ -245,10 +255,11 @@ def redraw(run_dir, epochs: bool = True, use_dot: bool = True) -> list[Path]:
             if any(k.startswith(f"alpha/{cell}/") for r in metrics for k in r)
             else "policy"
         )
+        name = safe_name(cell)  # from a metrics.csv column
         written.append(save_figure(heatmap_figure(rows_at(history, cell), f"{kind}{of(cell)}"),
-                                   out / f"alphas_{cell}.png"))  # fmt: skip
+                                   out / f"alphas_{name}.png"))  # fmt: skip
         written.append(save_figure(evolution_figure(history[cell], f"{kind} over epochs{of(cell)}"),
-                                   out / f"alpha_evolution_{cell}.png"))  # fmt: skip
+                                   out / f"alpha_evolution_{name}.png"))  # fmt: skip
         if epochs:
             for epoch in sorted(
                 {e for ops in history[cell].values() for pts in ops.values() for e, _ in pts}
@@ -257,14 +268,14 @@ def redraw(run_dir, epochs: bool = True, use_dot: bool = True) -> list[Path]:
                     rows_at(history, cell, epoch), f"{kind} after epoch {epoch}{of(cell)}"
                 )
                 written.append(
-                    save_figure(fig, out / "epochs" / f"epoch_{epoch:03d}_alphas_{cell}.png")
+                    save_figure(fig, out / "epochs" / f"epoch_{int(epoch):03d}_alphas_{name}.png")
                 )
-    report = load_json(run_dir / "report.json") or {}
+    report = _read_report(run_dir / "report.json")
     if epochs:
         for epoch, g in enumerate(report.get("genotypes_per_epoch") or []):
             for cell, png in cell_pictures(g, use_dot).items():
                 written.append(
-                    write_bytes(out / "epochs" / f"epoch_{epoch:03d}_cell_{cell}.png", png)
+                    write_bytes(out / "epochs" / f"epoch_{epoch:03d}_cell_{safe_name(cell)}.png", png)
                 )
     final = (
         (run_dir / "genotype.txt").read_text()
@@ -273,7 +284,7 @@ def redraw(run_dir, epochs: bool = True, use_dot: bool = True) -> list[Path]:
     )
     if final:
         for cell, png in cell_pictures(final, use_dot).items():
-            written.append(write_bytes(out / f"cell_{cell}.png", png))
+            written.append(write_bytes(out / f"cell_{safe_name(cell)}.png", png))
     for name, path, panels, title in (
         ("curves.png", run_dir / "metrics.csv", SEARCH_PANELS, "search"),
         ("enas.png", run_dir / "metrics.csv", ENAS_PANELS, "ENAS controller"),
@@ -293,8 +304,29 @@ def redraw(run_dir, epochs: bool = True, use_dot: bool = True) -> list[Path]:
             written.append(save_figure(fig, out / name))
     prune = prune_history(run_dir, report)
     for cell in dict.fromkeys(h.get("cell_type", "cell") for h in prune or []):
-        written.append(save_figure(tenas_figure(prune, cell), out / f"tenas_{cell}.png"))
+        # cell_type comes from warmstart.json/tenas.json: a crafted one must not name a path
+        written.append(save_figure(tenas_figure(prune, cell), out / f"tenas_{safe_name(cell)}.png"))
     return written
+
+
+def _read_report(path: Path) -> dict:
+    """``report.json`` as a mapping whose genotypes are strings, or a ValueError naming the file."""
+    from oneshot.report import read_mapping
+
+    if not path.is_file():
+        return {}
+    report = read_mapping(path, __import__("json").loads)
+    for key in ("genotype", "genotypes_per_epoch"):
+        value = report.get(key)
+        values = value if key == "genotypes_per_epoch" and isinstance(value, list) else [value]
+        if value is not None and not all(isinstance(v, str) for v in values):
+            raise ValueError(f"{path}: {key} must hold genotype strings, holds {value!r:.60}")
+        for v in values if value is not None else ():
+            try:
+                parse(v)
+            except GenotypeError as e:
+                raise GenotypeError(f"{path}: {key}: {e}") from None
+    return report
 
 
 def main(argv=None) -> int:
@@ -310,8 +342,11 @@ def main(argv=None) -> int:
     for run_dir in args.run_dirs:
         try:
             written = redraw(run_dir, epochs=not args.no_epochs, use_dot=not args.no_dot)
-        except (FileNotFoundError, GenotypeError) as e:
+        except (FileNotFoundError, GenotypeError, ValueError) as e:
             print(f"oneshot-plot: error: {e}", file=sys.stderr)
+            return 2
+        except (TypeError, KeyError, AttributeError, RecursionError, csv.Error) as e:  # a malformed run file
+            print(f"oneshot-plot: error: {run_dir}: a run file is malformed ({type(e).__name__}: {e})", file=sys.stderr)
             return 2
         log.info("%d pictures in %s", len(written), run_dir / "plots")
     return 0

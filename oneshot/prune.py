@@ -16,10 +16,12 @@ decimals, ties share a rank and the rank sum's ties go to the larger dk; changes
 over ``num_inits`` (3) Kaiming initialisations, fan-out for the NTK net, fan-in for the regions
 net; pruned ops are masked with -inf logits, so an edge computes the *mean* of its surviving
 ops (``average_masked_ops`` does that with our masks); the metric networks and batch sizes are
-the reference's (``nb201_space``, ``darts_space``). Ours: one fixed NTK batch and one fixed set
-of crops, and in each round the same initialisations for the current supernet and every
-candidate (the reference draws new data per candidate), so candidates are compared on common
-random numbers and the current supernet is measured once per round rather than per candidate.
+the reference's (``nb201_space``, ``darts_space``), and so is the order ops are visited in
+(the DARTS space's ``reference_order``), which decides exact ties. Ours: one fixed NTK batch
+and one fixed set of crops, and in each round the same initialisations for the current supernet
+and every candidate (the reference draws new data per candidate), so candidates are compared
+on common random numbers and the current supernet is measured once per round rather than per
+candidate.
 """
 
 from __future__ import annotations
@@ -34,7 +36,13 @@ import torch
 from torch import nn
 
 from oneshot.genotypes import DartsGenotype, NB201Genotype
-from oneshot.metrics import DartsMetricNet, NB201SingleCell, nb201_ntk_network, sample_images
+from oneshot.metrics import (
+    DartsMetricNet,
+    NB201SingleCell,
+    nb201_ntk_network,
+    reference_order,
+    sample_images,
+)
 from oneshot.metrics.ntk import condition_number, ntk_gram, reinit_
 from oneshot.metrics.regions import activation_patterns, count_unique_rows, random_crops
 from oneshot.mixed import MixedOp
@@ -107,13 +115,13 @@ def nb201_space(C: int = 3, N: int = 1, num_classes: int = 10, primitives=NB201_
 def darts_space(C: int = 1, num_classes: int = 10, steps: int = 4, multiplier: int = 4, stem_multiplier: int = 1,
                 primitives=DARTS_PRIMITIVES, ops_per_round: int = 3, ntk_batch: int = 14, in_channels: int = 3,
                 candidates: dict | None = None) -> TenasSpace:  # fmt: skip
-    """DARTS: both metrics on ``DartsMetricNet`` (C=1; the regions copy has no stem and one input
-    channel); CIFAR-10 settings: three ops per edge per round, batch 14 (ImageNet: 2 and 24).
-    Our ``SearchCell`` keeps the DARTS supernet's non-affine BN and its BN after pools; the
-    reference's cells have affine BN and no BN after pools, so its NTK also spans BN weights."""
+    """DARTS: both metrics on the reference's ``DartsMetricNet`` (affine BN, bare pools, C=1;
+    the regions copy has no stem and one input channel), each edge's ops in the reference's
+    order (``reference_order``: it decides exact ties); CIFAR-10 settings: three ops per edge
+    per round, batch 14 (ImageNet: 2 and 24)."""
     edges = cell_edges(steps)
     cands = {
-        t: [tuple(c) for c in (candidates or {}).get(t) or [primitives] * len(edges)]
+        t: [reference_order(c) for c in (candidates or {}).get(t) or [primitives] * len(edges)]
         for t in ("normal", "reduce")
     }
     concat = tuple(range(2 + steps - multiplier, steps + 2))
@@ -156,13 +164,15 @@ def max_keep(space: TenasSpace) -> int:
     )
 
 
-def check_keep(keep, space: TenasSpace, name: str = "keep") -> None:
-    """One clear error for an impossible ``keep``, naming it and the valid range."""
+def check_keep(keep, space: TenasSpace, name: str = "keep", lowest: int = 1, why: str = "") -> None:
+    """One clear error for an impossible ``keep``, naming it and the valid range ``lowest..``
+    the candidates per edge; ``why`` ends the line (the reason for ``lowest``)."""
     top = max_keep(space)
-    if isinstance(keep, bool) or not isinstance(keep, int) or not 1 <= keep <= top:
+    if isinstance(keep, bool) or not isinstance(keep, int) or not lowest <= keep <= top:
+        valid = f"{lowest}..{top}" if lowest <= top else "none"
         raise ValueError(
-            f"{name}={keep!r} is out of range; valid: 1..{top} (ops per edge to keep; "
-            f"every edge has {top} candidates besides 'none')"
+            f"{name}={keep!r} is out of range; valid: {valid} (ops per edge to keep; "
+            f"every edge has {top} candidates besides 'none'){why}"
         )
 
 

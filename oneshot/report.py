@@ -48,17 +48,44 @@ def find_runs(dirs) -> list[Run]:
     return runs
 
 
+def read_mapping(path: Path, parse) -> dict:
+    """A run file that must hold a mapping; anything else is a ValueError naming the file."""
+    try:
+        data = parse(path.read_text())
+    except RecursionError:
+        raise ValueError(f"{path} is nested too deeply to be a run file") from None
+    except (ValueError, yaml.YAMLError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"{path} is not valid {path.suffix[1:].upper()}: {str(e).splitlines()[0][:120]}") from None
+    if path.suffix == ".yaml" and data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a mapping of keys to values, holds a {type(data).__name__}")
+    return data
+
+
+def _field(path: Path, data: dict, key: str, kinds, default=None):
+    value = data.get(key, default)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, kinds)):
+        kind = " or ".join(k.__name__ for k in (kinds if isinstance(kinds, tuple) else (kinds,)))
+        raise ValueError(f"{path}: {key}={value!r:.60} is not a {kind}")
+    return value
+
+
 def read_run(path: Path) -> Run:
-    report = json.loads((path / "report.json").read_text())
-    config = yaml.safe_load((path / "config.yaml").read_text()) or {}
-    strategy = report.get("strategy") or "retrain"  # oneshot-retrain: a genotype, no search
-    order = (config.get("strategy") or {}).get("order")
-    if order == 2:
+    report = read_mapping(path / "report.json", json.loads)
+    config = read_mapping(path / "config.yaml", yaml.safe_load)
+    strategy = _field(path / "report.json", report, "strategy", str) or "retrain"  # oneshot-retrain: no search
+    strategy_cfg = config.get("strategy") if isinstance(config.get("strategy"), dict) else {}
+    if strategy_cfg.get("order") == 2:
         strategy += " (2nd order)"
-    test_acc = (report.get("retrain") or {}).get("test_acc")
-    return Run(
-        path, config.get("seed"), strategy, report.get("space", "?"), report["genotype"], test_acc
-    )
+    retrain = _field(path / "report.json", report, "retrain", dict) or {}
+    test_acc = _field(path / "report.json", retrain, "test_acc", (int, float))
+    genotype = _field(path / "report.json", report, "genotype", str)
+    if genotype is None:
+        raise ValueError(f"{path / 'report.json'} has no genotype: not a report oneshot wrote")
+    seed = _field(path / "config.yaml", config, "seed", int)
+    space = _field(path / "report.json", report, "space", str, "?")
+    return Run(path, seed, strategy, space, genotype, test_acc)
 
 
 def summarise(runs: list[Run]) -> list[tuple[str, str, int, float | None, float | None]]:

@@ -133,18 +133,103 @@ def test_lightning_fit_hands_training_step_the_bilevel_pair():
     assert probe.seen == [{"train": (32, 1, 28, 28), "val": (32, 1, 28, 28)}] * 2
 
 
-def test_retrain_uses_the_whole_train_set_and_tests_on_test():
-    dm = D.RetrainDataModule(batch_size=50, limit=300, cutout=8)
+def test_retrain_holds_a_validation_part_out_of_the_train_set():
+    dm = D.RetrainDataModule(batch_size=50, limit=300, val_split=0.1, cutout=0.5)
     assert dm.info == D.DataInfo("mnist_embedded", 1, 28, 10)  # before setup
     dm.setup()
-    assert len(dm.train_set) == 300
+    assert (len(dm.train_set), len(dm.val_set)) == (270, 30)
+    per_class = torch.bincount(dm.splits.y_train[:300], minlength=10)
+    assert (torch.bincount(dm.val_set.y, minlength=10) - 0.1 * per_class).abs().max() <= 1  # stratified
     x, _ = next(iter(dm.train_dataloader()))
-    # Normalised MNIST background is -0.42, so exact zeros come from Cutout alone.
-    assert ((x == 0).flatten(1).sum(1) > 0).all()
+    # Normalised MNIST background is -0.42, so exact zeros come from Cutout alone: 0.5 of 28 px.
+    zeros = (x == 0).flatten(1).sum(1)
+    assert (zeros > 0).all() and zeros.max() <= 14 * 14 and (zeros == 14 * 14).any()
+    val_x = torch.cat([x for x, _ in dm.val_dataloader()])
     test_x = torch.cat([x for x, _ in dm.test_dataloader()])
-    assert len(test_x) == 1000 and torch.equal(
-        test_x, torch.cat([x for x, _ in dm.val_dataloader()])
-    )
+    assert len(val_x) == 30 and len(test_x) == 1000
+    counted = D.RetrainDataModule(batch_size=50, limit=300, val_split=40)
+    counted.setup()
+    assert (len(counted.train_set), len(counted.val_set)) == (260, 40)
+    none = D.RetrainDataModule(batch_size=50, limit=300, val_split=0)
+    none.setup()
+    assert len(none.train_set) == 300 and none.val_set is None and none.val_dataloader() == []
+
+
+def test_retrain_val_is_train_images_and_test_is_only_tested(tmp_path):
+    """Train, validation and test images are three disjoint sets, the first two from the training
+    images; fit sees only train and val, and only trainer.test sees the test set."""
+    path = indexed_npz(tmp_path, n=200, test=40)
+    dm = D.RetrainDataModule("npz", batch_size=10, path=path, augment=False, val_split=0.25, seed=3)
+    dm.setup()
+    train, val = ids(dm.train_set.x), ids(dm.val_set.x)
+    assert len(train) == 150 and len(val) == 50 and not train & val and train | val == set(range(200))
+    mean, std = (torch.tensor(v).view(-1, 1, 1) for v in (dm.splits.mean, dm.splits.std))
+
+    class Probe(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer, self.seen = torch.nn.Linear(64, 10), {"train": set(), "val": set(), "test": set()}
+
+        def step(self, stage, batch):
+            x, y = batch
+            self.seen[stage] |= ids((x * std + mean) * 255)
+            return torch.nn.functional.cross_entropy(self.layer(x.flatten(1)), y)
+
+        def training_step(self, batch, _):
+            return self.step("train", batch)
+
+        def validation_step(self, batch, _):
+            self.step("val", batch)
+
+        def test_step(self, batch, _):
+            self.step("test", batch)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    probe = Probe()
+    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer.fit(probe, datamodule=dm)
+    assert probe.seen["train"] == train and probe.seen["val"] == val and not probe.seen["test"]
+    trainer.test(probe, datamodule=dm, verbose=False)
+    assert probe.seen["test"] == set(range(200, 240))
+
+    def val_ids(seed):
+        other = D.RetrainDataModule("npz", batch_size=10, path=path, val_split=0.25, seed=seed)
+        other.setup()
+        return ids(other.val_set.x)
+
+    assert val_ids(3) == val and val_ids(4) != val  # seeded by the run's seed
+
+
+@pytest.mark.parametrize("val_split", [1.0, 1.5, -0.1, -3, 200, "a", True])
+def test_retrain_val_split_out_of_range_is_one_clear_error(tmp_path, val_split):
+    path = indexed_npz(tmp_path, n=200, test=40)
+    with pytest.raises(ValueError, match=rf"^val_split={val_split!r} is out of range; valid: 0 .*fraction in \(0, 1\)"):
+        D.RetrainDataModule("npz", batch_size=10, path=path, val_split=val_split).setup()
+
+
+@pytest.mark.parametrize(("fraction", "side", "pixels"), [(0.5, 32, 16), (0.5, 28, 14), (0.5, 8, 4), (0.01, 8, 1), (0, 32, 0)])
+def test_cutout_is_a_fraction_of_the_image_side(fraction, side, pixels):
+    assert D.cutout_pixels(fraction, side) == pixels
+    for bad in (-0.5, 16, 1.5):
+        with pytest.raises(ValueError, match=rf"^cutout={bad} is out of range; valid: 0\.\.1"):
+            D.cutout_pixels(bad, side)
+
+
+def test_retrain_cutout_on_8px_digits_is_a_4px_square():
+    """DARTS' 16 px would blank every pixel of an 8 px digit; half the side cuts at most 4 x 4."""
+
+    def zeros(cutout):
+        dm = D.RetrainDataModule("digits", batch_size=256, cutout=cutout, val_split=0)
+        dm.setup()
+        x, _ = next(iter(dm.train_dataloader()))
+        return (x == 0).flatten(1).sum(1)  # normalised pixels are exactly 0 only where cut out
+
+    assert zeros(0).max() == 0
+    cut = zeros(0.5)
+    assert cut.min() >= 2 * 2 and cut.max() == 4 * 4  # clipped at a border, else the full square
 
 
 def test_cutout_zeroes_one_clipped_square_per_image():

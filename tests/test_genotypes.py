@@ -78,3 +78,42 @@ def test_genotypes_are_frozen_and_hashable():
     with pytest.raises(AttributeError):
         G.DARTS_V2.normal = ()
     assert len({G.DARTS_V2, parse(str(G.DARTS_V2))}) == 1
+
+
+# Quoted from the ENAS authors' scripts/cifar10_micro_final.sh (melodyguan/enas, lines 5-6).
+ENAS_FIXED_ARC = "0 2 0 0 0 4 0 1 0 4 1 1 1 0 0 1 0 2 1 1" + " " + "1 0 1 0 0 3 0 2 1 1 3 1 1 0 0 4 0 3 1 1"
+# src/cifar10/micro_child.py: `_fixed_conv` with f_sizes [3, 5] for ops 0, 1 (two stacked
+# separable convs, as DARTS' sep_conv), average / max pooling for 2 / 3, identity (a factorized
+# reduction at stride 2) for 4.
+ENAS_OPS = {0: "sep_conv_3x3", 1: "sep_conv_5x5", 2: "avg_pool_3x3", 3: "max_pool_3x3", 4: "skip_connect"}
+
+
+def decode_enas_micro(arc: str, num_cells: int = 5) -> G.DartsGenotype:
+    """The authors' reading (``connect_controller``, ``_fixed_layer``, ``_fixed_combine``): the
+    first 4 * num_cells numbers are the normal cell; each node is x_id, x_op, y_id, y_op; the
+    output concatenates every node that no node uses as an input."""
+    numbers = [int(t) for t in arc.split()]
+    assert len(numbers) == 8 * num_cells
+    cells = []
+    for part in (numbers[: 4 * num_cells], numbers[4 * num_cells :]):
+        used = [0] * (num_cells + 2)
+        edges = []
+        for node in range(num_cells):
+            x_id, x_op, y_id, y_op = part[4 * node : 4 * node + 4]
+            assert x_id < node + 2 and y_id < node + 2
+            used[x_id] += 1
+            used[y_id] += 1
+            edges += [(ENAS_OPS[x_op], x_id), (ENAS_OPS[y_op], y_id)]
+        concat = tuple(i for i in range(num_cells + 2) if used[i] == 0)
+        cells.append((tuple(edges), concat))
+    (normal, normal_concat), (reduce, reduce_concat) = cells
+    return G.DartsGenotype(normal, normal_concat, reduce, reduce_concat)
+
+
+def test_enas_is_the_authors_fixed_arc():
+    g = decode_enas_micro(ENAS_FIXED_ARC)
+    assert g == G.ENAS
+    # Spot checks by hand against the script: normal node 2 = avg pool(0) + sep 3x3(0); reduce
+    # node 4 reads node 3, so the reduce output leaves node 3 out.
+    assert G.ENAS.normal[:2] == (("avg_pool_3x3", 0), ("sep_conv_3x3", 0))
+    assert G.ENAS.reduce[4:6] == (("sep_conv_5x5", 1), ("sep_conv_5x5", 3)) and G.ENAS.reduce_concat == (2, 4, 5, 6)

@@ -70,3 +70,30 @@ def test_partial_channels_keep_shape_and_use_a_quarter(stride):
 def test_partial_channels_reject_bad_k():
     with pytest.raises(ValueError, match="K=3"):
         MixedOp(8, 8, 1, DARTS_PRIMITIVES, partial=3)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_partial_channels_bypass_and_shuffle_order(stride):
+    """PC-DARTS (yuhuixu1993/PC-DARTS, model_search.py): the first C/K channels go through the ops,
+    the last C - C/K go around them unchanged (max-pooled 2x2 at stride 2), and ``channel_shuffle``
+    with K groups interleaves them: output channel j*K + g is channel g*C/K + j of [ops, bypass].
+    Written out index by index here, not with the view/transpose the module uses."""
+    C, K = 24, 4  # C/K = 6 != K, so a shuffle with C/K groups instead of K would show
+    k = C // K
+    mixed = MixedOp(C, C, stride, DARTS_PRIMITIVES, partial=K).eval()
+    x, w = torch.randn(2, C, 9, 9), torch.softmax(torch.randn(len(DARTS_PRIMITIVES)), 0)
+    through = sum(w[i] * op(x[:, :k]) for i, op in enumerate(mixed.ops))
+    bypass = x[:, k:] if stride == 1 else torch.nn.functional.max_pool2d(x[:, k:], 2, 2, ceil_mode=True)
+    joined = torch.cat([through, bypass], dim=1)
+    expected = torch.stack([joined[:, g * k + j] for j in range(k) for g in range(K)], dim=1)
+    out = mixed(x, w)
+    torch.testing.assert_close(out, expected)
+    # Which channels are untouched: at stride 1 every bypassing channel is copied bit for bit.
+    if stride == 1:
+        for j in range(k):
+            for g in range(1, K):
+                assert torch.equal(out[:, j * K + g], x[:, g * k + j])
+    # and only the first C/K input channels reach the ops' output channels (0, K, 2K, ...).
+    x2 = x.clone()
+    x2[:, k:] += 1.0
+    torch.testing.assert_close(mixed(x2, w)[:, ::K], out[:, ::K])

@@ -1,13 +1,17 @@
 """The real Hydra configs through the real pipeline: every strategy x space with fast_dev_run,
 retraining published genotypes, and what the run directory holds."""
 
+import csv
 import json
 from pathlib import Path
 
 import pytest
+import torch
 from hydra.utils import get_class
+from torch.utils.data import DataLoader
 
 import oneshot
+from oneshot.data import RetrainDataModule
 from oneshot.genotypes import parse
 
 CONF = Path(oneshot.__file__).parent.parent / "conf"
@@ -80,3 +84,38 @@ def test_retrain_reads_a_search_run_directory(tmp_path):
     report = oneshot.retrain(compose([f"genotype={search_dir / 'genotype.txt'}", f"run_dir={retrain_dir}",
                                       "network.C=4", "network.N=1", *FAST], name="retrain"))  # fmt: skip
     assert report["genotype"] == (search_dir / "genotype.txt").read_text().strip()
+
+
+def _accuracy(net, x, y):
+    with torch.no_grad():
+        return (net(x).argmax(1) == y).float().mean().item()
+
+
+def test_retrain_validates_on_held_out_train_images_and_tests_once(tmp_path):
+    """val/acc is the network's accuracy on the held-out training images, test/acc on the test
+    set, each recomputed here from the exported weights; the recipe is NB201's for an NB201 cell."""
+    report = oneshot.retrain(compose([
+        "genotype=NB201_RESNET", f"run_dir={tmp_path}", "network.C=4", "network.N=1", "data=digits",
+        "data.batch_size=32", "retrain.trainer.max_epochs=1", "+retrain.trainer.limit_train_batches=3",
+        "retrain.val_split=0.2", "logger.pictures=false",
+    ], name="retrain"))["retrain"]  # fmt: skip
+    assert report["recipe"]["recipe"] == "nb201" and report["recipe"]["optimizer"]["nesterov"] is True
+    assert report["images"] == {"train": 1151, "val": 287, "test": 359}  # 1,438 digits train, 359 test
+    dm = RetrainDataModule("digits", batch_size=32, val_split=0.2, seed=0)
+    dm.setup()
+    net = oneshot.load_network(tmp_path / "network.pt")
+    val = next(iter(DataLoader(dm.val_set, batch_size=len(dm.val_set), collate_fn=dm.val_dataloader().collate_fn)))
+    test = next(iter(DataLoader(dm.test_dataloader().dataset, batch_size=359, collate_fn=dm.val_dataloader().collate_fn)))
+    assert report["val_acc"] == pytest.approx(_accuracy(net, *val), abs=1e-4)
+    assert report["test_acc"] == pytest.approx(_accuracy(net, *test), abs=1e-4)
+    rows = list(csv.DictReader((tmp_path / "metrics.csv").open()))
+    assert sum(bool(r.get("test/acc")) for r in rows) == 1  # the test set: once, after training
+    assert any(r.get("val/acc") for r in rows)
+
+
+def test_retrain_without_validation_images_trains_on_all_and_still_tests(tmp_path):
+    report = oneshot.retrain(compose([
+        "genotype=NB201_RESNET", f"run_dir={tmp_path}", "network.C=4", "network.N=1", "retrain.val_split=0", *FAST,
+    ], name="retrain"))["retrain"]  # fmt: skip
+    assert report["images"]["val"] == 0 and report["images"]["train"] == 1438
+    assert report["val_acc"] is None and report["test_acc"] is not None

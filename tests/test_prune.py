@@ -94,6 +94,19 @@ def test_darts_prune_gives_a_valid_genotype(digits):
     DartsNetwork(g, C=4, layers=3, auxiliary=False)(torch.randn(2, 3, 8, 8))
 
 
+def test_darts_prune_visits_ops_in_the_references_order(digits):
+    # The reference's DARTS_SPACE order, not DARTS' PRIMITIVES: it decides exact rank-sum ties.
+    darts_order = ("none", "max_pool_3x3", "avg_pool_3x3", "skip_connect", "sep_conv_3x3")
+    result = prune("darts", digits, keep=2, **FAST, **{**DARTS_SMALL, "primitives": darts_order})
+    first = [(r.cell_type, r.edge, r.op) for r in result.history if r.round == 0]
+    assert [op for t, e, op in first if (t, e) == ("normal", "2<-0")] == [
+        "skip_connect", "sep_conv_3x3", "avg_pool_3x3", "max_pool_3x3"
+    ]  # fmt: skip
+    assert [op for t, e, op in first if (t, e) == ("reduce", "3<-2")] == [
+        "skip_connect", "sep_conv_3x3", "avg_pool_3x3", "max_pool_3x3"
+    ]  # fmt: skip
+
+
 def test_prune_is_deterministic_given_the_seed(digits):
     a, b = (prune("nb201", digits, **FAST, **NB201_SMALL, seed=3) for _ in range(2))
     assert a.genotype == b.genotype and [asdict(r) for r in a.history] == [

@@ -52,12 +52,12 @@ def run_killed_mid_epoch_then_resumed(app, run_dir, args):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (ckpts / "epoch=001.ckpt").exists(), "killed too late: the second epoch had ended"
-    assert torch.load(ckpts / "last.ckpt", weights_only=False)["epoch"] == 0
+    assert torch.load(ckpts / "last.ckpt", weights_only=True)["epoch"] == 0
     finish(start(app, run_dir, *args, "ckpt_path=last"))
 
 
 def state(path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
 
 
 @pytest.mark.slow

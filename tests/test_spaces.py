@@ -1,6 +1,9 @@
 """Supernets and discrete networks of both spaces."""
 
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -33,8 +36,9 @@ def test_parameter_split_is_disjoint_and_complete(space):
     ids_a, ids_w = {id(p) for p in arch}, {id(p) for p in weights}
     assert arch and weights and not ids_a & ids_w
     assert ids_a | ids_w == {id(p) for p in net.parameters()}
-    # Registered parameters: they are in the state dict, so checkpoints keep them.
-    assert all(any(k.startswith("alphas.") for k in net.state_dict()) for _ in arch)
+    # Registered parameters: each one is in the state dict under alphas.<cell type>, so checkpoints keep it.
+    by_id = {id(v): k for k, v in net.state_dict(keep_vars=True).items()}
+    assert sorted(by_id[id(a)] for a in arch) == sorted(f"alphas.{t}" for t in net.alphas)
 
 
 @pytest.mark.parametrize("space", ["nb201", "darts"])
@@ -61,13 +65,14 @@ def test_discrete_network_forward_backward(genotype, channels, size):
 def test_darts_v2_has_the_published_parameter_count():
     net = DartsNetwork(G.DARTS_V2, C=36, layers=20, num_classes=10)
     n = sum(p.numel() for name, p in net.named_parameters() if "auxiliary" not in name)
-    assert n == pytest.approx(3.3e6, rel=0.03)  # paper: 3.3M; the DARTS code prints 3.349342M
+    assert n == 3_349_342  # the DARTS code (quark0/darts cnn/train.py) prints "param size = 3.349342MB"
 
 
 def test_enas_cell_has_five_nodes():
     net = DartsNetwork(G.ENAS, C=8, layers=3, auxiliary=False)
     assert [len(c.ops) for c in net.cells] == [10, 10, 10]
-    assert net.cells[1].multiplier == 3  # reduce_concat [2, 3, 6]
+    assert [c.multiplier for c in net.cells] == [5, 4, 4]  # normal concat: 5 nodes; reduce: [2, 4, 5, 6]
+    assert net(torch.randn(2, 3, 16, 16)).shape == (2, 10)
 
 
 def _copy_nb201(supernet, net):
@@ -113,9 +118,10 @@ def test_darts_one_hot_supernet_equals_evaluation_network():
             op, j = (genotype.reduce if t == "reduce" else genotype.normal)[k]
             e = index[(k // 2 + 2, j)]
             key = f"cells.{i}.edges.{e}.ops.{supernet.candidates[t][e].index(op)}.{rest}"
-        # BN affine weights exist only in the evaluation net; at init they are the identity.
-        mapped_value = state.get(key, value)
-        mapped[m.group(0) if m else key] = mapped_value
+        if key not in state:  # BN affine weights exist only in the evaluation net; at init the identity
+            assert key.endswith((".weight", ".bias")) and torch.equal(value, torch.ones_like(value) * key.endswith("weight"))
+            assert key.replace(".weight", ".running_mean").replace(".bias", ".running_mean") in state
+        mapped[m.group(0) if m else key] = state.get(key, value)
     net.load_state_dict(mapped)
     x = torch.randn(2, 3, 16, 16)
     weights = supernet.weights_for(genotype)
@@ -145,6 +151,10 @@ def test_pruned_supernet_has_alphas_only_for_survivors():
 def test_impossible_sizes_and_unknown_space():
     with pytest.raises(ValueError, match="C=5"):
         DartsSupernet(C=5)
+    for layers in (0, 1, 2):  # every cell a reduction: the normal alphas could never be trained
+        with pytest.raises(ValueError, match=rf"space.supernet.layers={layers}: .*layers >= 3"):
+            DartsSupernet(C=4, layers=layers)
+    assert DartsSupernet(C=4, layers=3).cells[0].reduction is False
     with pytest.raises(ValueError, match="unknown space 'nb301'.*nb201, darts"):
         get_space("nb301")
 
@@ -195,10 +205,48 @@ def test_pc_darts_edge_weights_scale_each_edge_output():
 
 
 def test_k1_without_edge_normalisation_is_unchanged():
-    net = DartsSupernet(C=4, layers=3)
+    """K=1: DARTS' cells exactly, each node the plain sum of its incoming mixed edges, each edge
+    sum_k softmax(alpha_e)_k op_k(input), computed here op by op without the supernet's forward."""
+    net = DartsSupernet(C=4, layers=3).eval()
     assert not net.edge_normalization and not net.betas
     assert net.arch_parameters() == list(net.alphas.values())
+    with torch.no_grad():
+        for a in net.alphas.values():
+            a.copy_(torch.randn_like(a))
     x = torch.randn(2, 3, 16, 16)
-    torch.testing.assert_close(net.eval()(x), net(x, net.arch_weights()))
+    s0 = s1 = net.stem(x)
+    for cell in net.cells:
+        alphas = net.alphas["reduce" if cell.reduction else "normal"]
+        states = [cell.preprocess0(s0), cell.preprocess1(s1)]
+        for node in range(net.steps):
+            total = 0
+            for e, (target, j) in enumerate(cell_edges(net.steps)):
+                if target == node + 2:
+                    w = torch.softmax(alphas[e], dim=-1)
+                    ops = cell.edges[e].ops
+                    total = total + sum(w[k] * ops[k](states[j]) for k in range(len(ops)))
+            states.append(total)
+        s0, s1 = s1, torch.cat(states[-net.multiplier :], dim=1)
+    expected = net.classifier(net.global_pooling(s1).flatten(1))
+    torch.testing.assert_close(net(x), expected)
     with_norm = DartsSupernet(C=4, layers=3, edge_normalization=True)
     assert with_norm.edge_normalization and len(with_norm.arch_parameters()) == 4
+
+
+@pytest.mark.slow
+def test_search_app_refuses_a_supernet_without_normal_cells(tmp_path):
+    """layers=2: both cells are reductions; the search would end in autograd's traceback on the
+    unused normal alphas. The app refuses it in one line before anything is written."""
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "oneshot-search"), f"run_dir={run_dir}", "space=darts",
+         "space.supernet.layers=2", "space.supernet.C=4", "data=digits", "data.batch_size=16",
+         "logger.pictures=false", "trainer.max_epochs=1", "+trainer.limit_train_batches=1",
+         "+trainer.limit_val_batches=0", "retrain.enabled=false"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    (error,) = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert "space.supernet.layers=2" in error and "layers >= 3" in error
+    assert not (run_dir / "checkpoints").exists() and not (run_dir / "genotype.txt").exists()

@@ -5,6 +5,7 @@ fast_dev_run of DARTS / ENAS on the pruned supernet and of the standalone TE-NAS
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -25,9 +26,10 @@ FAST = ["+trainer.fast_dev_run=true", "data=digits", "data.batch_size=8", "size=
 # Metric sizes that make a prune take seconds on digits; the reference's are the defaults.
 TINY = ["num_inits=1", "n_crops=100", "ntk_batch=8", "images=200", "progress=false"]
 WARM = ["warmstart=tenas", *(f"warmstart.{o}" for o in TINY)]
-# A DARTS cell with 2 nodes and 3 live ops: node 3 has three inputs, so the edge stage has work.
+# A DARTS cell with 2 nodes and 3 live ops: node 3 has three inputs, so the edge stage has work;
+# the ops in DARTS' order, not the reference's the prune visits them in.
 SMALL_DARTS = ["space=darts", "+space.supernet.steps=2", "+space.supernet.multiplier=2",
-               "+space.supernet.primitives=[none,skip_connect,sep_conv_3x3,avg_pool_3x3]"]  # fmt: skip
+               "+space.supernet.primitives=[none,avg_pool_3x3,skip_connect,sep_conv_3x3]"]  # fmt: skip
 SPACES = {"nb201": ["space=nb201"], "darts": SMALL_DARTS}
 
 
@@ -84,6 +86,9 @@ def test_warm_started_supernet_holds_only_the_survivors(space, tmp_path):
     assert len(edges) == sum(isinstance(m, MixedOp) for m in warm.modules())
     for mixed, kept in edges:
         assert mixed.candidates == kept and len(mixed.ops) == 2 and "none" not in kept
+    for (_, kept), (configured, _) in zip(edges, edges_with_survivors(full, survivors)):
+        # Survivors in the configured supernet's op order, whatever order the prune visited.
+        assert kept == tuple(op for op in configured.candidates if op in kept)
     assert {t: tuple(a.shape) for t, a in warm.alphas.items()} == {
         t: (len(s), 2) for t, s in survivors.items()
     }
@@ -138,25 +143,50 @@ def test_warm_start_leaves_the_global_rng_alone(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("space", "keep", "top"),
-    [("nb201", 0, 4), ("nb201", 5, 4), ("darts", 8, 7), ("nb201", "two", 4)],
-)
-def test_bad_keep_is_one_clear_error_before_any_work(space, keep, top, tmp_path):
+    ("space", "keep", "valid"),
+    [("nb201", 0, "1..4"), ("nb201", 5, "1..4"), ("darts", 8, "2..7"), ("nb201", "two", "1..4"),
+     ("darts", 1, "2..7")],
+)  # fmt: skip
+def test_bad_keep_is_one_clear_error_before_any_work(space, keep, valid, tmp_path):
     overrides = ["space=darts"] if space == "darts" else []
     with pytest.raises(
-        ValueError, match=rf"^warmstart.keep={keep!r} is out of range; valid: 1\.\.{top} "
-    ):
+        ValueError, match=rf"^warmstart.keep={keep!r} is out of range; valid: {re.escape(valid)} "
+    ) as err:
         warm_start([*overrides, f"warmstart.keep={keep}"], tmp_path)
     assert not (tmp_path / "warmstart.json").exists()
+    # DARTS: keep=1 would drop TE-NAS' input choice; the line names what does keep it.
+    assert ("strategy=tenas space=darts" in str(err.value)) == (space == "darts")
+
+
+def run_app(overrides, run_dir):
+    app = Path(sys.executable).parent / "oneshot-search"
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "ONESHOT_TRACEBACK")
+    }
+    return subprocess.run([str(app), *overrides, f"run_dir={run_dir}", *FAST],
+                          capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
 
 
 def test_bad_keep_through_the_app_is_one_line(tmp_path):
-    app = Path(sys.executable).parent / "oneshot-search"
-    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    proc = subprocess.run([str(app), "warmstart=tenas", "warmstart.keep=0", f"run_dir={tmp_path}", *FAST],
-                          capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    proc = run_app(["warmstart=tenas", "warmstart.keep=0"], tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert "error: warmstart.keep=0 is out of range; valid: 1..4" in proc.stderr
+    # The up-front check (oneshot/validate.py) or the warm start's own (valid: 1..4) says it.
+    assert "error: warmstart.keep=0 is out of range; valid: " in proc.stderr
+
+
+def test_darts_warm_start_to_one_op_is_refused_through_the_app(tmp_path):
+    # One op per edge: alphas of one column get no gradient and derivation would wire every
+    # node to inputs 0 and 1, discarding TE-NAS' edge choice. Refused before any pruning.
+    proc = run_app(["warmstart=tenas", "warmstart.keep=1", "space=darts"], tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith(
+        "error: warmstart.keep=1 is out of range; valid: 2..7 "
+    )
+    assert "strategy=tenas space=darts" in errors[0]
+    assert not any(
+        (tmp_path / f).exists() for f in ("warmstart.json", "genotype.txt", "report.json")
+    )
 
 
 @pytest.mark.slow

@@ -3,7 +3,8 @@
 ``ntk_condition_number`` and ``linear_regions`` are TE-NAS' two indicators (Chen, Gong, Wang,
 ICLR 2021): trainability (a small NTK condition number) and expressivity (many linear regions).
 ``tenas_score_nb201`` measures both for one NAS-Bench-201 cell by the reference protocol
-(VITA-Group/TENAS, ``prune_tenas.py``), on the two networks built here.
+(VITA-Group/TENAS, ``prune_tenas.py``), on the two networks built here; the DARTS space's
+metric networks are in ``tenas_darts.py``.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from oneshot.metrics.regions import (
     linear_regions,
     random_crops,
 )
+from oneshot.metrics.tenas_darts import DartsMetricNet, reference_order
 from oneshot.ops import NB201_PRIMITIVES
-from oneshot.spaces.darts import SearchCell
 from oneshot.spaces.nb201 import EDGES, NB201Cell, NB201Network
 
 
@@ -55,37 +56,6 @@ class NB201SingleCell(nn.Module):
     def forward(self, x, weights=None):
         w = (weights or {"cell": [0] * len(EDGES)})["cell"]
         return self.classifier(self.lastact(self.cell(x, w)).mean((2, 3)))
-
-
-class DartsMetricNet(nn.Module):
-    """TE-NAS' small DARTS network (``NASNetworkDARTS`` with ``C=1, N=1, depth=2,
-    stem_multiplier=1``): one normal and one reduction search cell, BN-ReLU, pooling, linear.
-    ``stem=False`` is the thin copy: the raw ``in_channels`` input feeds both cell inputs."""
-
-    def __init__(self, candidates, C=1, in_channels=3, stem=True, stem_multiplier=1, steps=4, multiplier=4,
-                 num_classes=10):  # fmt: skip
-        super().__init__()
-        C_stem = C * stem_multiplier if stem else in_channels
-        self.stem = (
-            nn.Sequential(
-                nn.Conv2d(in_channels, C_stem, 3, padding=1, bias=False), nn.BatchNorm2d(C_stem)
-            )
-            if stem
-            else nn.Identity()
-        )
-        self.normal = SearchCell(
-            steps, multiplier, C_stem, C_stem, C, False, False, candidates["normal"]
-        )
-        self.reduce = SearchCell(
-            steps, multiplier, C_stem, multiplier * C, 2 * C, True, False, candidates["reduce"]
-        )
-        self.lastact = nn.Sequential(nn.BatchNorm2d(2 * C * multiplier), nn.ReLU(inplace=True))
-        self.classifier = nn.Linear(2 * C * multiplier, num_classes)
-
-    def forward(self, x, weights):
-        s = self.stem(x)
-        s = self.reduce(s, self.normal(s, s, weights["normal"]), weights["reduce"])
-        return self.classifier(self.lastact(s).mean((2, 3)))
 
 
 def sample_images(images: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
@@ -142,6 +112,7 @@ __all__ = [
     "ntk_condition_number",
     "ntk_gram",
     "random_crops",
+    "reference_order",
     "reinit_",
     "sample_images",
     "tenas_score_nb201",

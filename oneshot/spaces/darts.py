@@ -27,6 +27,11 @@ def reduction_layers(layers: int) -> tuple[int, ...]:
     return (layers // 3, 2 * layers // 3)
 
 
+def normal_cells(layers: int) -> int:
+    """How many of ``layers`` cells are normal: none below 3, where both reductions cover them all."""
+    return sum(i not in reduction_layers(layers) for i in range(layers))
+
+
 def cell_edges(steps: int) -> list[tuple[int, int]]:
     """(target node, input) per edge; inputs 0, 1 are the previous cells, nodes count from 2."""
     return [(node + 2, j) for node in range(steps) for j in range(node + 2)]
@@ -87,10 +92,15 @@ class DartsSupernet(SupernetBase):
         through the mixed ops); ``edge_normalization``: its per-node softmax over incoming edges
         (``None``: on exactly when K > 1, as in PC-DARTS)."""
         super().__init__()
-        if C < 2 or C % 2 or layers < 1 or steps < 1 or not 1 <= multiplier <= steps or num_classes < 1:
+        if C < 2 or C % 2 or steps < 1 or not 1 <= multiplier <= steps or num_classes < 1:
             raise ValueError(
-                f"impossible DARTS sizes: C={C} (even, >= 2), layers={layers} (>= 1), steps={steps}, "
+                f"impossible DARTS sizes: C={C} (even, >= 2), layers={layers} (>= 3), steps={steps}, "
                 f"multiplier={multiplier} (1..steps), classes={num_classes}"
+            )
+        if normal_cells(layers) == 0:  # its normal alphas would get no gradient: autograd fails
+            raise ValueError(
+                f"space.supernet.layers={layers}: a DARTS supernet needs layers >= 3 (the reduction cells "
+                f"at layers//3 and 2*layers//3 leave no normal cell to search below 3)"
             )
         n_edges = len(cell_edges(steps))
         self.candidates = {
@@ -251,6 +261,9 @@ class DartsNetwork(nn.Module):
         channels_last: bool = True,
     ):
         super().__init__()
+        from oneshot.validate import check_genotype
+
+        check_genotype(genotype, "darts", "DartsNetwork")
         validate_darts(genotype)
         if C < 2 or C % 2 or layers < 1:
             raise ValueError(f"impossible DARTS network sizes: C={C} (even, >= 2), layers={layers} (>= 1)")

@@ -78,6 +78,8 @@ class NB201Network(SupernetBase):
         super().__init__()
         if C < 1 or N < 1 or num_classes < 1 or in_channels < 1:
             raise ValueError(f"impossible NB201 sizes: C={C}, N={N}, classes={num_classes}, channels={in_channels}")
+        if image_size < 4 or image_size % 4:  # odd sides at a reduction: the shortcut's pool and the conv disagree
+            raise ValueError(f"image side {image_size} does not fit NB201 (two stride-2 reductions): resize to a multiple of 4 with data.image_size=...")
         cands = (candidates or {}).get("cell") or [tuple(primitives)] * len(EDGES)
         self.candidates = {"cell": self._check_candidates(cands, len(EDGES), "cell")}
         self.C, self.N, self.search = C, N, search
@@ -145,5 +147,8 @@ def nb201_network(genotype: NB201Genotype, C: int = 16, N: int = 5, **kwargs) ->
         from oneshot.genotypes import parse_nb201
 
         genotype = parse_nb201(genotype)
+    from oneshot.validate import check_genotype
+
+    check_genotype(genotype, "nb201", "nb201_network")
     cands = {"cell": [(op,) for op in genotype.edge_ops]}
     return NB201Network(C=C, N=N, candidates=cands, affine=True, search=False, **kwargs)

@@ -1,0 +1,349 @@
+"""Values checked before anything runs: a table of config keys with their valid ranges, the
+override types, paths, devices and checkpoints.
+
+Every check here reads only the composed config and the file system (omegaconf and the standard
+library; torch is imported only to open a checkpoint or count GPUs, and only when the config asks
+for one), so ``oneshot-search`` refuses a bad value within about a second, before the heavy
+imports and before a run directory exists (``oneshot.cli`` calls ``check_config`` from a Hydra
+callback that runs before Hydra creates its output directory). Each refusal is one line:
+``<key>=<value> is out of range; valid: <range>``.
+
+The values in ``RULES`` are the ones that would otherwise run and give a wrong answer without a
+word: ``strategy.grad_clip < 0`` flips every gradient's sign in torch's clipping (gradient
+ascent), ``num_inits=0`` makes the TE-NAS prune loop zero times, ``max_epochs=-1`` trains forever,
+an out-of-range ``seed`` is replaced by 0 in Lightning with only a warning.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A config value that cannot run, or would run and give a wrong answer."""
+
+
+class Rule(NamedTuple):
+    valid: str  # the valid range, as the message says it
+    ok: Callable[[Any], bool]
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def integer(low: int | None = None, high: int | None = None, null: str | None = None) -> Rule:
+    """An integer in ``low..high``; ``null`` says what null means where null is allowed."""
+    span = f"an integer >= {low}" if high is None else f"an integer in {low}..{high}"
+    return Rule(
+        span + (f", or null ({null})" if null else ""),
+        lambda v: (v is None and null is not None)
+        or (_is_int(v) and (low is None or v >= low) and (high is None or v <= high)),
+    )
+
+
+def number(low=None, high=None, *, open_low=False, open_high=False, null=None) -> Rule:
+    lo = "" if low is None else f"{'>' if open_low else '>='} {low}"
+    hi = "" if high is None else f"{'<' if open_high else '<='} {high}"
+    span = "a number " + " and ".join(s for s in (lo, hi) if s)
+    return Rule(
+        span + (f", or null ({null})" if null else ""),
+        lambda v: (v is None and null is not None)
+        or (
+            _is_number(v)
+            and (low is None or (v > low if open_low else v >= low))
+            and (high is None or (v < high if open_high else v <= high))
+        ),
+    )
+
+
+def choice(*values) -> Rule:
+    return Rule("one of " + ", ".join(map(str, values)), lambda v: v in values)
+
+
+def _devices(v) -> bool:
+    if _is_int(v):
+        return v >= 1 or v == -1
+    if isinstance(v, list | ListConfig):
+        return len(v) > 0 and all(_is_int(d) and d >= 0 for d in v)
+    if isinstance(v, str):
+        parts = [p for p in v.split(",") if p.strip()]
+        return v == "auto" or v.strip() == "-1" or (bool(parts) and all(p.strip().isdigit() for p in parts))
+    return False
+
+
+DEVICES = Rule("a count >= 1, -1 (all), 'auto', or a list of device ids such as [0,1]", _devices)
+
+# Keys of the TE-NAS prune (warmstart=tenas and strategy=tenas take the same options).
+_PRUNE = {
+    "num_inits": integer(1),
+    "n_crops": integer(1),
+    "crop_size": integer(1),
+    "ntk_batch": integer(2, null="the reference's per space"),
+    "ops_per_round": integer(1, null="the reference's per space"),
+    "precision": integer(0),
+    "images": integer(2),
+    "threads": integer(0),
+    "method": choice("loop", "vmap"),
+}
+_RECIPE = "the space's retraining recipe"
+# Key -> rule; a key the config does not have (another strategy's option) is not checked.
+RULES: dict[str, Rule] = {
+    "seed": integer(0, 2**32 - 1),  # Lightning's seed_everything replaces others by 0
+    "size": choice("paper", "cpu"),
+    "trainer.max_epochs": integer(1),
+    "trainer.devices": DEVICES,
+    "trainer.num_nodes": integer(1),
+    "data.batch_size": integer(1),
+    "data.split": number(0, 1, open_low=True, open_high=True),
+    "data.num_workers": integer(0),
+    "data.limit": integer(1, null="all images"),
+    "data.image_size": integer(1, null="the native size"),
+    # retrain.*: null takes the value of the space's recipe (conf/retrain/<space>.yaml)
+    "retrain.trainer.max_epochs": integer(1, null=_RECIPE),
+    "retrain.batch_size": integer(1, null=_RECIPE),
+    "retrain.cutout": number(0, 1, null=_RECIPE),  # the square's side as a fraction of the image's
+    "retrain.val_split": number(0, null=_RECIPE),  # a fraction or a count; the data bounds the count
+    "retrain.grad_clip": number(0, null=_RECIPE),
+    "retrain.drop_path_prob": number(0, 1, open_high=True, null=_RECIPE),
+    "retrain.auxiliary_weight": number(0, null=_RECIPE),
+    "retrain.lr_min": number(0, null=_RECIPE),
+    "space.supernet.C": integer(1),
+    "space.supernet.N": integer(1),
+    "space.supernet.layers": integer(1),
+    "space.supernet.partial_channels": integer(1),
+    "space.network.C": integer(1),
+    "space.network.N": integer(1),
+    "space.network.layers": integer(1),
+    "network.C": integer(1, null="the space's default"),
+    "network.N": integer(1, null="the space's default"),
+    "network.layers": integer(1, null="the space's default"),
+    "strategy.order": choice(1, 2),
+    "strategy.grad_clip": number(0),  # 0 = off; torch clips a negative norm by flipping signs
+    "strategy.warmup_epochs": integer(0),
+    "strategy.w_lr_min": number(0),
+    "strategy.controller_every": integer(1),
+    "strategy.controller_steps_per_batch": integer(1),
+    "strategy.derive_samples": integer(0),  # 0 = the most likely architecture
+    "strategy.derive_batches": integer(1),
+    "warmstart.keep": integer(1),
+    **{f"strategy.{k}": r for k, r in _PRUNE.items()},
+    **{f"warmstart.{k}": r for k, r in _PRUNE.items()},
+    **{f"{opt}.{k}": number(0, null=_RECIPE if opt == "retrain.optimizer" else None)
+       for opt in ("strategy.w_optimizer", "strategy.a_optimizer", "strategy.c_optimizer", "retrain.optimizer")
+       for k in ("lr", "momentum", "weight_decay")},  # fmt: skip
+}
+
+
+def _select(cfg: DictConfig, key: str):
+    """``(found, value)``; a value that cannot be resolved is a ConfigError naming the key."""
+    parent, _, leaf = key.rpartition(".")
+    node = OmegaConf.select(cfg, parent, default=None) if parent else cfg
+    if not isinstance(node, DictConfig) or leaf not in node:
+        return False, None
+    if OmegaConf.is_missing(node, leaf):
+        return True, "???"
+    try:
+        value = node[leaf]
+    except Exception as e:  # an interpolation that fails: ${space.presets.${size}...} for a bad size
+        raise ConfigError(f"{key} cannot be resolved: {str(e).splitlines()[0]}") from None
+    return True, value
+
+
+def check_values(cfg: DictConfig) -> None:
+    for key, rule in RULES.items():
+        found, value = _select(cfg, key)
+        if found and not rule.ok(value):
+            raise ConfigError(f"{key}={value} is out of range; valid: {rule.valid}")
+
+
+def check_data(cfg: DictConfig, datasets=()) -> None:
+    """The dataset's name (one of ``datasets``, when given) and, for your own files, that
+    ``data.path`` is given and exists; NB201's two reductions need a side divisible by 4."""
+    data = cfg.get("data")
+    if not isinstance(data, DictConfig):
+        return
+    name = data.get("name")
+    if datasets and name not in datasets:
+        raise ConfigError(f"data.name={name} is not a dataset; valid: {', '.join(datasets)}")
+    size, space = data.get("image_size"), OmegaConf.select(cfg, "space.name", default=None)
+    if space == "nb201" and _is_int(size) and size % 4:
+        raise ConfigError(
+            f"data.image_size={size} is out of range; valid for space=nb201: a multiple of 4 (two "
+            "reductions halve it exactly)"
+        )
+    needs = {"npz": ("a file", "<file.npz>"), "imagefolder": ("a directory", "<folder of class folders>")}
+    if name in needs:
+        kind, example = needs[name]
+        if OmegaConf.is_missing(data, "path") or data.get("path") is None:
+            raise ConfigError(f"data.path is required for data.name={name}: add data.path={example}")
+        for key in ("path", "test_path"):
+            value = data.get(key)
+            if value is None:
+                continue
+            path = Path(str(value)).expanduser()
+            if not (path.is_file() if name == "npz" else path.is_dir()):
+                raise ConfigError(f"data.{key}={value}: no such {kind.split()[1]} ({name} data needs {kind})")
+
+
+def check_run_dirs(cfg: DictConfig, hydra_run_dir: str | None = None) -> None:
+    """A run directory must be creatable: no file in the way, and writable."""
+    for key, value in (("run_dir", cfg.get("run_dir")), ("hydra.run.dir", hydra_run_dir)):
+        if not value:
+            continue
+        path = Path(str(value)).expanduser().absolute()
+        existing = next(p for p in (path, *path.parents) if p.exists())
+        if not existing.is_dir():
+            where = "is a file" if existing == path else f"is under {existing}, which is a file"
+            raise ConfigError(f"{key}={value} {where}, not a directory; give a directory ({key}=...)")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise ConfigError(f"{key}={value}: no permission to write in {existing}")
+
+
+def check_checkpoint(path, key: str = "ckpt_path") -> None:
+    """A checkpoint file that Lightning can resume from: readable, complete, a Lightning
+    checkpoint. Opened with ``weights_only=True`` (never runs code) and ``mmap`` (reads no tensor
+    data), so checking a large checkpoint costs milliseconds."""
+    import pickle
+    import zipfile
+
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{key}={path}: no such file")
+    if path.stat().st_size == 0 or not zipfile.is_zipfile(path):
+        what = "empty" if path.stat().st_size == 0 else "not a torch checkpoint (truncated, corrupt or another kind of file)"
+        raise ConfigError(f"{key}={path} is {what}; give a checkpoint a run wrote (RUN_DIR/checkpoints/*.ckpt)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile, pickle.UnpicklingError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(
+            f"{key}={path} is not a readable checkpoint (truncated, corrupt or not a torch file: "
+            f"{reason[:160]})"
+        ) from None
+    required = ("state_dict", "epoch", "global_step")
+    if not isinstance(ckpt, dict) or not all(k in ckpt for k in required):
+        has = sorted(map(str, ckpt))[:6] if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ConfigError(
+            f"{key}={path} is not a Lightning checkpoint of a oneshot run (needs {', '.join(required)}; "
+            f"has {has})"
+        )
+
+
+def check_devices(cfg: DictConfig) -> None:
+    """A GPU trainer needs a GPU: say so before anything starts (torch is imported only here)."""
+    trainer = cfg.get("trainer")
+    if not isinstance(trainer, DictConfig) or str(trainer.get("accelerator")) not in ("gpu", "cuda"):
+        return
+    import torch
+
+    count, devices = torch.cuda.device_count(), trainer.get("devices")
+    accelerator = f"trainer.accelerator={trainer.accelerator}"
+    if count == 0:
+        raise ConfigError(
+            f"{accelerator} needs a CUDA GPU and this machine has none; valid here: trainer=cpu "
+            "(or trainer=ddp_cpu for several processes; experiments: add trainer=cpu)"
+        )
+    if _is_int(devices) and devices > count:
+        raise ConfigError(f"trainer.devices={devices} is out of range; valid: 1..{count} (this machine's GPUs) or -1")
+
+
+def check_config(cfg: DictConfig, hydra_run_dir: str | None = None, datasets=()) -> None:
+    """Everything that can be checked before a run starts; raises ConfigError (one line)."""
+    check_values(cfg)
+    check_data(cfg, datasets)
+    check_run_dirs(cfg, hydra_run_dir)
+    ckpt = cfg.get("ckpt_path")
+    if ckpt and ckpt != "last":
+        check_checkpoint(Path(str(ckpt)).expanduser())
+    check_devices(cfg)
+
+
+def check_genotype(genotype, space: str, what: str) -> None:
+    """For the Python API: ``what`` builds ``space`` networks; another space's genotype or None
+    is a GenotypeError naming both, not an AttributeError deep inside."""
+    from oneshot.genotypes import DartsGenotype, GenotypeError, NB201Genotype
+
+    expected = {"nb201": NB201Genotype, "darts": DartsGenotype}[space]
+    if not isinstance(genotype, expected):
+        got = getattr(genotype, "space", None)
+        got = f"a {got} genotype" if got else f"{type(genotype).__name__} {genotype!r}"[:80]
+        raise GenotypeError(
+            f"{what} needs a {space} genotype, got {got}; oneshot.genotypes.resolve(...) reads a string, "
+            "file or published name, and oneshot.spaces.build_network(genotype) builds any space's network"
+        )
+
+
+# ---- override types (the config composed without the values gives each key's default) ----
+
+# Trainer arguments whose default is an int but which also take strings or lists.
+_ANY_TYPE = {"trainer.devices"}
+
+
+def check_override_types(cfg: DictConfig) -> None:
+    """``seed=abc``: a value override must have its default's type (an int for an int, a number
+    for a float, a bool for a bool), checked against the config composed without the values."""
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or not GlobalHydra.instance().is_initialized():
+        return
+    hydra_cfg = HydraConfig.get()
+    groups = set(hydra_cfg.runtime.choices)
+    overrides = [o.split("=", 1) for o in hydra_cfg.overrides.task if "=" in o]
+    values = [(k, v) for k, v in overrides if k not in groups and k[0] not in "+~" and k not in _ANY_TYPE]
+    if not values:
+        return
+    choices = [f"{k}={v}" for k, v in overrides if k.lstrip("+~") in groups]
+    try:
+        defaults = GlobalHydra.instance().hydra.compose_config(hydra_cfg.job.config_name, choices, run_mode=RunMode.RUN)
+    except Exception:  # a checker must never stop a run that Hydra accepted
+        return
+    for key, text in values:
+        try:
+            default, value = (OmegaConf.select(c, key, default=None) for c in (defaults, cfg))
+        except Exception:
+            continue
+        if default is None or value is None or isinstance(default, str | list | dict | DictConfig | ListConfig):
+            continue
+        if isinstance(default, bool):
+            ok, kind = isinstance(value, bool), "true or false"
+        elif isinstance(default, int):
+            ok, kind = _is_int(value), "an integer"
+        else:
+            ok, kind = _is_number(value), "a number"
+        if not ok:
+            raise ConfigError(f"{key}={text}: {key} must be {kind} (its default is {default})")
+
+
+def disk_error(exc: BaseException) -> ConfigError | None:
+    """A full (or read-only) disk, anywhere in the run, as one line naming the file."""
+    chain, e = [], exc
+    while e is not None and len(chain) < 20:  # torch.save raises a RuntimeError whose context is the OSError
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    for e in chain:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG):
+            where = f" writing {e.filename}" if e.filename else ""
+            return ConfigError(
+                f"{os.strerror(e.errno).lower()}{where}: free space, then continue the run with ckpt_path=last "
+                "(every file is written whole or not at all)"
+            )
+        if isinstance(e, RuntimeError) and "file write failed" in str(e):  # torch.save's zip writer
+            return ConfigError(
+                "a checkpoint could not be written (disk full?): free space, then continue the run with ckpt_path=last"
+            )
+    return None
