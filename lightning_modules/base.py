@@ -1,5 +1,6 @@
-"""What every search strategy shares: accuracy, alpha logging, the derived genotype per epoch,
-and the explicit all-reduce for gradients computed outside DDP's autograd hooks.
+"""What every search strategy shares: the epoch metrics (torchmetrics), gradient clipping of the
+weight step, alpha logging, the derived genotype and a plain summary line per epoch, and the
+explicit all-reduce for gradients computed outside DDP's autograd hooks.
 
 Deliberately thin: a strategy's ``training_step`` holds its whole algorithm; nothing here wraps
 the user's supernet or forwards hooks.
@@ -7,21 +8,60 @@ the user's supernet or forwards hooks.
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.utilities import rank_zero_only
+from torchmetrics import MeanMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+log = logging.getLogger("oneshot")
 
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or inf; the run stops and keeps its last good checkpoint."""
 
 
-def accuracy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return (logits.argmax(dim=-1) == y).float().mean()
+@rank_zero_only
+def info(message: str) -> None:
+    """A console line from rank 0, through the ``oneshot`` logger (Lightning's are quieted)."""
+    log.info(message)
+
+
+def num_classes_of(network: torch.nn.Module) -> int:
+    """The classes a network predicts: its ``classifier``'s outputs (every space names its head
+    so), else the last ``nn.Linear``'s."""
+    head = getattr(network, "classifier", None)
+    if not isinstance(head, torch.nn.Linear):
+        head = next((m for m in reversed(list(network.modules())) if isinstance(m, torch.nn.Linear)), None)
+    if head is None:
+        raise ValueError(f"{type(network).__name__} has no classifier (nn.Linear) to count its classes from")
+    return head.out_features
+
+
+def accuracy_metric(num_classes: int) -> MulticlassAccuracy:
+    """Top-1 accuracy as a fraction (0..1), summed over an epoch's batches (an uneven last batch
+    weighs by its size) and over DDP ranks when computed. ``validate_args=False``: the checks are
+    a host-device sync per batch, and the same labels already went through ``cross_entropy``."""
+    return MulticlassAccuracy(num_classes=num_classes, average="micro", validate_args=False)
+
+
+def epoch_summary(module: pl.LightningModule) -> str:
+    """``train loss 0.4123 acc 0.8750, val loss ... acc ...``: the epoch's numbers in the plain
+    line a piped run shows instead of a progress bar. Training ones from the module's
+    ``train_loss``/``train_acc`` metrics (synced over DDP ranks, so every rank must call this);
+    validation ones only if validation ran this epoch (``_validated_epoch``)."""
+    stages = {}
+    if module.train_acc.update_called:
+        stages["train"] = {"loss": module.train_loss.compute(), "acc": module.train_acc.compute()}
+    metrics = module.trainer.callback_metrics if module._trainer is not None else {}
+    if getattr(module, "_validated_epoch", -1) == module.current_epoch:
+        stages["val"] = {k: metrics[f"val/{k}"] for k in ("loss", "acc") if f"val/{k}" in metrics}
+    return ", ".join(f"{s} " + " ".join(f"{k} {float(v):.4f}" for k, v in m.items()) for s, m in stages.items() if m)
 
 
 def all_reduce_mean(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -72,6 +112,15 @@ class SearchModule(pl.LightningModule):
         self.supernet = supernet
         self.automatic_optimization = False
         self.genotypes: list[str] = []  # derived genotype after every epoch (all ranks agree)
+        # Metric states are not saved in checkpoints (torchmetrics' default): they restart with
+        # every epoch, and checkpoints are taken at epoch ends.
+        self.num_classes = num_classes_of(supernet)
+        self.train_acc, self.val_acc = accuracy_metric(self.num_classes), accuracy_metric(self.num_classes)
+        self.train_loss, self.val_loss = MeanMetric(), MeanMetric()
+        self._validated_epoch = -1
+
+    #: Clip the weight step's gradient to this norm (0: off); see ``on_before_optimizer_step``.
+    grad_clip: float = 0.0
 
     def forward(self, x, weights=None):
         return self.supernet(x, weights)
@@ -95,11 +144,44 @@ class SearchModule(pl.LightningModule):
                 "stopping (lower the learning rate or enable gradient clipping); the last good checkpoint is kept"
             )
 
+    def on_before_optimizer_step(self, optimizer):
+        """Clip the weight optimizer's gradients (the first optimizer in every strategy).
+
+        Here, not after ``manual_backward``: Lightning calls this hook inside ``opt.step()``,
+        after 16-bit mixed precision's GradScaler unscaled the gradients, so the norm is the true
+        one; clipped in the training step, the gradients would still carry the loss scale."""
+        if self.grad_clip and optimizer is self.trainer.optimizers[0]:
+            self.clip_gradients(optimizer, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
+
+    def log_train_step(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
+        """``train/loss`` and ``train/acc`` of this batch (per step, as before); the metrics also
+        accumulate the epoch's values for the summary line."""
+        self.train_loss.update(loss.detach(), weight=len(y))
+        self.log("train/loss", loss.detach(), prog_bar=True)
+        self.log("train/acc", self.train_acc(logits.detach(), y), prog_bar=True)
+
+    def log_val_step(self, logits: torch.Tensor, y: torch.Tensor) -> None:
+        """``val/loss`` and ``val/acc`` over the whole validation epoch: the metric objects are
+        logged, so Lightning computes them once at the epoch's end over all batches and ranks."""
+        self.val_loss.update(F.cross_entropy(logits, y), weight=len(y))
+        self.val_acc.update(logits, y)
+        self.log("val/loss", self.val_loss, prog_bar=True)
+        self.log("val/acc", self.val_acc, prog_bar=True)
+
     def validation_step(self, batch, batch_idx):
         x, y = batch
-        logits = self.supernet(x)
-        self.log("val/loss", F.cross_entropy(logits, y), prog_bar=True, sync_dist=True)
-        self.log("val/acc", accuracy(logits, y), prog_bar=True, sync_dist=True)
+        self.log_val_step(self.supernet(x), y)
+
+    def on_train_epoch_start(self):
+        self.train_loss.reset()
+        self.train_acc.reset()
+
+    def on_validation_epoch_end(self):
+        if not self.trainer.sanity_checking:
+            self._validated_epoch = self.current_epoch
+
+    def epoch_metrics(self) -> str:
+        return epoch_summary(self)
 
     def log_architecture(self) -> None:
         """``alpha/<cell>/<edge>/<op>`` softmax weights, ``arch/entropy``, and the genotype."""
@@ -115,7 +197,8 @@ class SearchModule(pl.LightningModule):
             self.log("arch/entropy", float(torch.stack(entropies).mean()))
         genotype = str(self.derive_genotype())
         self.genotypes.append(genotype)
-        rank_zero_info(f"epoch {self.current_epoch}: genotype {genotype}")
+        summary = self.epoch_metrics()
+        info(f"epoch {self.current_epoch}: {summary + ', ' if summary else ''}genotype {genotype}")
 
     def derive_genotype(self):
         return self.supernet.genotype()

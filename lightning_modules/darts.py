@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.optim.lr_scheduler import CosineAnnealingLR
 
-from lightning_modules.base import SearchModule, accuracy, all_reduce_mean
+from lightning_modules.base import SearchModule, all_reduce_mean
 
 
 def _set_(params, values):
@@ -135,7 +135,10 @@ class DartsSearch(SearchModule):
             for a, g in zip(self.supernet.arch_parameters(), hypergrad):
                 a.grad = g
         self.check_finite(loss_val, "validation loss of the architecture step")
-        a_opt.step()
+        # The torch optimizer's own step, not LightningOptimizer's: that one advances global_step,
+        # so trainer.max_steps would count both steps of a search step. (These gradients come from
+        # autograd.grad, never loss-scaled, so skipping the precision plugin's unscale is right.)
+        getattr(a_opt, "optimizer", a_opt).step()
         return loss_val
 
     def weight_step(self, train_batch, w_opt):
@@ -146,9 +149,7 @@ class DartsSearch(SearchModule):
         loss = F.cross_entropy(logits, y)
         self.check_finite(loss, "training loss")
         self.manual_backward(loss)
-        if self.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.supernet.weight_parameters(), self.grad_clip)
-        w_opt.step()
+        w_opt.step()  # clips to grad_clip first (on_before_optimizer_step, base.py)
         return loss, logits
 
     def training_step(self, batch, batch_idx):
@@ -162,8 +163,7 @@ class DartsSearch(SearchModule):
 
         # 2. Weight step on the training batch; gradients of the arch step are discarded.
         loss, logits = self.weight_step(train_batch, w_opt)
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/acc", accuracy(logits, train_batch[1]), prog_bar=True)
+        self.log_train_step(loss, logits, train_batch[1])
 
     def on_train_epoch_end(self):
         self.lr_schedulers().step()

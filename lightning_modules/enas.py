@@ -28,11 +28,11 @@ from itertools import islice
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pytorch_lightning.utilities import rank_zero_info
 from torch import nn
 from torch.optim.lr_scheduler import CosineAnnealingLR
+from torchmetrics.functional.classification import multiclass_accuracy
 
-from lightning_modules.base import SearchModule, accuracy, all_reduce_mean
+from lightning_modules.base import SearchModule, all_reduce_mean, info
 from oneshot.controller import Controller, Reinforce
 from oneshot.spaces.darts import cell_edges
 
@@ -134,7 +134,8 @@ class EnasSearch(SearchModule):
         return torch.Generator().manual_seed(int(state))
 
     def weight_step(self, batch, weights: dict, w_opt) -> tuple[torch.Tensor, torch.Tensor]:
-        """One SGD step on the shared weights of the architecture ``weights`` selects. Only the
+        """One SGD step on the shared weights of the architecture ``weights`` selects; returns the
+        loss and the logits. Only the
         chosen ops run, so only their parameters get a gradient; ``zero_grad`` leaves the rest at
         ``None`` and SGD skips them. Under DDP every rank ran the same path, so the unused
         parameters are unused on all ranks and DDP leaves their ``grad`` at ``None`` too."""
@@ -144,10 +145,13 @@ class EnasSearch(SearchModule):
         loss = F.cross_entropy(logits, y)
         self.check_finite(loss, "training loss")
         self.manual_backward(loss)  # DDP averages the path's gradients over ranks here
-        if self.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.supernet.weight_parameters(), self.grad_clip)
-        w_opt.step()
-        return loss.detach(), accuracy(logits.detach(), y)
+        w_opt.step()  # clips to grad_clip first (on_before_optimizer_step, base.py)
+        return loss.detach(), logits.detach()
+
+    def batch_accuracy(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """One batch's top-1 accuracy (a fraction): the reward. A function of the batch, not an
+        epoch metric, so torchmetrics' functional form (no state to accumulate or reset)."""
+        return multiclass_accuracy(logits, y, self.num_classes, average="micro", validate_args=False)
 
     def controller_step(self, batch, c_opt, generator: torch.Generator):
         """One REINFORCE step on a validation batch; returns the sample and its reward. No
@@ -155,7 +159,7 @@ class EnasSearch(SearchModule):
         x, y = batch
         sample = self.controller.sample(generator)
         with batch_statistics(self.supernet):
-            reward = accuracy(self.supernet(x, sample.weights), y)
+            reward = self.batch_accuracy(self.supernet(x, sample.weights), y)
         # Each rank scored its own shard of the validation batch: the mean is the whole batch's
         # reward, and the same number on every rank, so all ranks move the baseline alike and the
         # loss (same sample, same reward) is identical everywhere.
@@ -167,7 +171,12 @@ class EnasSearch(SearchModule):
         # graph (find_unused_parameters=True in runs.py), so their grads stay as they are; the
         # controller's gradients are averaged, a no-op as every rank computed the same ones.
         self.manual_backward(loss)
-        c_opt.step()
+        # Through the strategy (which unscales 16-mixed gradients) but not LightningOptimizer.step,
+        # which advances global_step: trainer.max_steps then counts search steps, not controller steps.
+        if hasattr(c_opt, "optimizer") and self._trainer is not None:
+            self.trainer.strategy.optimizer_step(c_opt.optimizer, closure=lambda: None)
+        else:
+            c_opt.step()
         return sample, reward
 
     def training_step(self, batch, batch_idx):
@@ -178,10 +187,9 @@ class EnasSearch(SearchModule):
         # 1. Weight step on the training batch, along one architecture from the current policy.
         with torch.no_grad():
             sample = self.controller.sample(self.generator(_WEIGHT_STREAM, step))
-        loss, acc = self.weight_step(batch["train"], sample.weights, w_opt)
+        loss, logits = self.weight_step(batch["train"], sample.weights, w_opt)
         self._last_sampled = sample.genotype
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/acc", acc, prog_bar=True)
+        self.log_train_step(loss, logits, batch["train"][1])
 
         # 2. Controller step(s) on the validation batch. During warm-up the policy stays frozen at
         #    its initialisation, every choice within ~5% of uniform (temperature 5, U(-0.1, 0.1)).
@@ -205,14 +213,12 @@ class EnasSearch(SearchModule):
         x, y = batch
         with batch_statistics(self.supernet):
             logits = self.supernet(x, self._val_arch.weights)
-        self.log("val/loss", F.cross_entropy(logits, y), prog_bar=True, sync_dist=True)
-        self.log("val/acc", accuracy(logits, y), prog_bar=True, sync_dist=True)
+        self.log_val_step(logits, y)
 
     def on_train_epoch_end(self):
         self.lr_schedulers().step()
         self.log("search/w_lr", self.optimizers()[0].param_groups[0]["lr"])
         self.log_architecture()
-        rank_zero_info(f"epoch {self.current_epoch}: last sampled genotype {self._last_sampled}")
 
     def log_architecture(self) -> None:
         """The policy's greedy path: ``prob/<decision>`` (the probability of its choice), the mean
@@ -226,7 +232,9 @@ class EnasSearch(SearchModule):
                     self.log(f"policy/{t}/{row}/{op}", p)
         self.log("arch/entropy", float(greedy.entropy) / len(greedy.decisions))
         self.genotypes.append(str(greedy.genotype))
-        rank_zero_info(f"epoch {self.current_epoch}: most likely genotype {greedy.genotype}")
+        summary = self.epoch_metrics()
+        info(f"epoch {self.current_epoch}: {summary + ', ' if summary else ''}most likely genotype "
+             f"{greedy.genotype}, last sampled {self._last_sampled}")  # fmt: skip
 
     def architecture_probs(self, greedy=None) -> dict[str, list[tuple[str, dict[str, float]]]]:
         """The policy's most likely path, per op decision (NB201: an edge, ``2<-1``; DARTS: a
@@ -272,7 +280,7 @@ class EnasSearch(SearchModule):
             "best_sampled": None,
             "scores": {},
         }
-        rank_zero_info(f"ENAS most likely genotype: {most_likely.genotype}")
+        info(f"ENAS most likely genotype: {most_likely.genotype}")
         if not batches or not self.derive_samples:
             return most_likely.genotype
         device = next(self.supernet.parameters()).device
@@ -285,7 +293,7 @@ class EnasSearch(SearchModule):
         best = max(candidates, key=lambda g: (scores[g], float(candidates[g].log_prob)))
         self.derived.update(best_sampled=best, scores=scores)
         n, distinct = self.derive_samples, len(candidates)
-        rank_zero_info(
+        info(
             f"ENAS best of {n} samples ({distinct} distinct): {best}, acc {scores[best]:.4f}"
         )
         return candidates[best].genotype

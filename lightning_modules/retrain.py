@@ -13,8 +13,15 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch.optim.lr_scheduler import CosineAnnealingLR
+from torchmetrics import MeanMetric
 
-from lightning_modules.base import NonFiniteLossError, accuracy
+from lightning_modules.base import (
+    NonFiniteLossError,
+    accuracy_metric,
+    epoch_summary,
+    info,
+    num_classes_of,
+)
 
 
 class Retrain(pl.LightningModule):
@@ -30,12 +37,18 @@ class Retrain(pl.LightningModule):
         self.network = network
         self.optimizer = optimizer or (lambda params: torch.optim.SGD(params, 0.025, 0.9, weight_decay=3e-4))
         self.lr_min, self.auxiliary_weight, self.drop_path_prob = lr_min, auxiliary_weight, drop_path_prob
+        # One metric object per stage (torchmetrics): epoch values over all batches and DDP ranks.
+        classes = num_classes_of(network)
+        self.train_acc, self.val_acc, self.test_acc = (accuracy_metric(classes) for _ in range(3))
+        self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
 
     def forward(self, x):
         out = self.network(x)
         return out[0] if isinstance(out, tuple) else out
 
     def on_train_epoch_start(self):
+        self.train_loss.reset()
+        self.train_acc.reset()
         # Drop path grows linearly from 0 to its maximum over training (DARTS' train.py).
         if hasattr(self.network, "drop_path_prob"):
             epochs = max(1, self.trainer.max_epochs or 1)
@@ -53,21 +66,33 @@ class Retrain(pl.LightningModule):
                 f"retraining loss is {float(loss)} at epoch {self.current_epoch}, step {self.global_step}; "
                 "stopping; the last good checkpoint is kept"
             )
+        self.train_loss.update(loss.detach(), weight=len(y))
         self.log("train/loss", loss, prog_bar=True)
-        self.log("train/acc", accuracy(logits, y), prog_bar=True)
+        self.log("train/acc", self.train_acc(logits.detach(), y), prog_bar=True)
         return loss
 
     def _evaluate(self, batch, stage):
         x, y = batch
         logits = self(x)
-        self.log(f"{stage}/loss", F.cross_entropy(logits, y), sync_dist=True)
-        self.log(f"{stage}/acc", accuracy(logits, y), prog_bar=True, sync_dist=True)
+        loss, acc = getattr(self, f"{stage}_loss"), getattr(self, f"{stage}_acc")
+        loss.update(F.cross_entropy(logits, y), weight=len(y))
+        acc.update(logits, y)
+        self.log(f"{stage}/loss", loss)
+        self.log(f"{stage}/acc", acc, prog_bar=True)
 
     def validation_step(self, batch, batch_idx):
         self._evaluate(batch, "val")
 
     def test_step(self, batch, batch_idx):
         self._evaluate(batch, "test")
+
+    def on_validation_epoch_end(self):
+        if not self.trainer.sanity_checking:
+            self._validated_epoch = self.current_epoch
+
+    def on_train_epoch_end(self):
+        """One plain line per epoch (what a piped run shows instead of a progress bar)."""
+        info(f"retrain epoch {self.current_epoch}: {epoch_summary(self)}")
 
     def configure_optimizers(self):
         opt = self.optimizer(params=self.network.parameters())

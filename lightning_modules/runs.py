@@ -297,6 +297,20 @@ def make_loggers(cfg: DictConfig, run_dir: Path, wandb_from=None) -> list:
     return [*loggers, wandb_logger]
 
 
+def _several_processes(kwargs: dict) -> bool:
+    """Whether Lightning's ``strategy=auto`` becomes DDP: several nodes, or several devices
+    (``-1``/``auto``: every GPU there is; a CPU counts as one device)."""
+    devices = kwargs.get("devices", "auto")
+    if kwargs.get("num_nodes", 1) > 1:
+        return True
+    if isinstance(devices, list | tuple):
+        return len(devices) > 1
+    if str(devices).strip() in ("auto", "-1"):
+        return kwargs.get("accelerator", "auto") in ("auto", "gpu", "cuda") and torch.cuda.device_count() > 1
+    text = str(devices).strip()
+    return len([p for p in text.split(",") if p.strip()]) > 1 if "," in text else int(text) > 1
+
+
 def make_trainer(trainer_cfg: DictConfig, run_dir: Path, loggers, callbacks=(), **extra) -> pl.Trainer:
     kwargs = OmegaConf.to_container(trainer_cfg, resolve=True)
     kwargs.update(extra)
@@ -312,7 +326,7 @@ def make_trainer(trainer_cfg: DictConfig, run_dir: Path, loggers, callbacks=(), 
     # Architecture values (alphas, probabilities, entropy) are logged per epoch without
     # sync_dist: they are equal on every rank, so Lightning's advice to reduce them is noise.
     warnings.filterwarnings("ignore", message=r".*sync_dist=True.*when logging on epoch level")
-    if strategy == "ddp":
+    if strategy == "ddp" or (strategy == "auto" and _several_processes(kwargs)):  # trainer.devices=2 too
         from pytorch_lightning.strategies import DDPStrategy
 
         # Sampled paths (ENAS) leave parameters unused in a step; DDP must be told.

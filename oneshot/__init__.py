@@ -14,6 +14,9 @@ def search(cfg):
 
     check_config(cfg)  # before the heavy imports: a bad value is one line, nothing created
     from lightning_modules.pipeline import search as _search
+    from oneshot.quiet import quiet_libraries
+
+    quiet_libraries()
 
     return _search(cfg)
 
@@ -24,6 +27,9 @@ def retrain(cfg):
 
     check_config(cfg)  # before the heavy imports: a bad value is one line, nothing created
     from lightning_modules.pipeline import retrain as _retrain
+    from oneshot.quiet import quiet_libraries
+
+    quiet_libraries()
 
     return _retrain(cfg)
 

@@ -8,10 +8,13 @@ valid choices; Hydra reports bad overrides and unknown config choices the same w
 
 from __future__ import annotations
 
+import csv
 import logging
 import os
+import re
 import shutil
 import sys
+from importlib import resources
 from pathlib import Path
 
 import hydra
@@ -23,6 +26,168 @@ from oneshot import validate
 log = logging.getLogger("oneshot")
 
 CONFIG_PATH = "pkg://oneshot.conf"
+
+# pl.Trainer.__init__'s parameters and defaults (Lightning 2.6), written out so that the apps check
+# ``trainer.<arg>=...`` within a second, before Lightning is imported; tests/test_cli.py checks
+# the list against the installed Lightning's signature.
+TRAINER_ARGS = {
+    "accelerator": "auto", "strategy": "auto", "devices": "auto", "num_nodes": 1, "precision": None,
+    "logger": None, "callbacks": None, "fast_dev_run": False, "max_epochs": None, "min_epochs": None,
+    "max_steps": -1, "min_steps": None, "max_time": None, "limit_train_batches": None,
+    "limit_val_batches": None, "limit_test_batches": None, "limit_predict_batches": None,
+    "overfit_batches": 0.0, "val_check_interval": None, "check_val_every_n_epoch": 1,
+    "num_sanity_val_steps": None, "log_every_n_steps": None, "enable_checkpointing": None,
+    "enable_progress_bar": None, "enable_model_summary": None, "accumulate_grad_batches": 1,
+    "gradient_clip_val": None, "gradient_clip_algorithm": None, "deterministic": None, "benchmark": None,
+    "inference_mode": True, "use_distributed_sampler": True, "profiler": None, "detect_anomaly": False,
+    "barebones": False, "plugins": None, "sync_batchnorm": False, "reload_dataloaders_every_n_epochs": 0,
+    "default_root_dir": None, "enable_autolog_hparams": True, "model_registry": None,
+}  # fmt: skip
+# Trainer arguments oneshot sets itself from the run directory and its own config.
+SET_BY_ONESHOT = ("logger", "callbacks", "plugins", "default_root_dir")
+_TRAINER_KEY = re.compile(r"(\+{0,2})((?:retrain\.)?trainer)\.(\w+)")
+
+# What oneshot-search returns to a Hydra sweeper (``objective=``): the retrained network's
+# accuracy on the held-out validation part of the training set (the default: selecting on the
+# test set makes the test accuracy an optimistic estimate), its test accuracy, or the search's
+# last validation accuracy.
+OBJECTIVES = ("retrain/val_acc", "retrain/test_acc", "search/val_acc")
+
+
+def _config_keys(path: str, *inner: str) -> set[str]:
+    """Keys a packaged config file defines (under ``inner``): those take a plain override."""
+    import yaml
+
+    node = yaml.safe_load(resources.files("oneshot.conf").joinpath(path).read_text()) or {}
+    for key in inner:
+        node = node.get(key) or {}
+    return set(node)
+
+
+# Overrides (keys, value prefix) that need a Hydra plugin from the `sweep` extra.
+_PLUGINS = {
+    (("hparams_search", "hydra/sweeper"), "optuna"): "hydra_plugins.hydra_optuna_sweeper",
+    (("hydra/launcher",), "submitit"): "hydra_plugins.hydra_submitit_launcher",
+}
+
+
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # hydra_plugins itself missing
+        return False
+
+
+def rewrite_overrides(args: list[str]) -> list[str]:
+    """The command line as users of Lightning and Hydra write it, in Hydra's grammar:
+    ``group=null`` removes a config group (``~group``; Hydra's parser reads ``null`` as no
+    value and refuses it), and ``trainer.<arg>=v`` / ``retrain.trainer.<arg>=v`` for a Trainer
+    argument the config does not define becomes ``++...`` (add or override). A name that is not a
+    Trainer argument is a ConfigError naming the valid ones. Idempotent (DDP ranks rerun it)."""
+    conf = resources.files("oneshot.conf")
+    groups = {p.name for p in conf.iterdir() if p.is_dir() and not p.name.startswith("_")}
+    defined = {"trainer": _config_keys("trainer/default.yaml"), "retrain.trainer": _config_keys("retrain/default.yaml", "trainer")}
+    out = []
+    for arg in args:
+        key, eq, value = arg.partition("=")
+        for option, plugin in _PLUGINS.items():
+            if eq and key.lstrip("+") in option[0] and value.startswith(option[1]) and not _installed(plugin):
+                raise validate.ConfigError(
+                    f"{arg} needs Hydra's {plugin.split('.')[-1].replace('_', '-')} plugin, which is not installed: "
+                    "pip install 'oneshot[sweep]' (or the plugin alone)"
+                )
+        match = _TRAINER_KEY.fullmatch(key) if eq else None
+        if eq and key in groups and value.strip() == "null":
+            arg = f"~{key}"
+        elif match:
+            plus, where, name = match.groups()
+            check_trainer_arg(f"{where}.{name}", name, value)
+            if not plus and name not in defined[where]:
+                arg = f"++{arg}"
+        out.append(arg)
+    return out
+
+
+def check_trainer_arg(key: str, name: str, value) -> None:
+    if name in SET_BY_ONESHOT:
+        raise validate.ConfigError(
+            f"{key} is set by oneshot itself (from logger=..., the run directory and its callbacks); "
+            "leave it out of trainer.*"
+        )
+    if name not in TRAINER_ARGS:
+        valid = ", ".join(n for n in TRAINER_ARGS if n not in SET_BY_ONESHOT)
+        raise validate.ConfigError(f"{key}={value}: {name} is not a Lightning Trainer argument; valid: {valid}")
+
+
+def check_trainer(cfg: DictConfig) -> None:
+    """Every ``trainer.*`` / ``retrain.trainer.*`` key is a Trainer argument of its default's type
+    (what a ``+``/``++`` override or a config file added, which Hydra does not check)."""
+    for where in ("trainer", "retrain.trainer"):
+        section = OmegaConf.select(cfg, where, default=None)
+        if not isinstance(section, DictConfig):
+            continue
+        for name in section:
+            if str(name).startswith("_"):  # _target_ and friends of an instantiable trainer config
+                continue
+            value = section[name]
+            check_trainer_arg(f"{where}.{name}", str(name), value)
+            default, ok = TRAINER_ARGS[name], True
+            if name == "fast_dev_run":
+                ok, kind = isinstance(value, bool | int), "true, false or a number of batches"
+            elif isinstance(default, bool):
+                ok, kind = isinstance(value, bool), "true or false"
+            elif isinstance(default, int):
+                ok, kind = value is None or (isinstance(value, int) and not isinstance(value, bool)), "an integer"
+            elif isinstance(default, float):
+                ok, kind = isinstance(value, int | float) and not isinstance(value, bool), "a number"
+            if not ok:
+                raise validate.ConfigError(f"{where}.{name}={value}: {name} must be {kind} (Lightning's default is {default})")
+
+
+def check_objective(cfg: DictConfig) -> None:
+    objective = cfg.get("objective")
+    if objective is not None and objective not in OBJECTIVES:
+        raise validate.ConfigError(f"objective={objective} is not an objective; valid: {', '.join(OBJECTIVES)}")
+    retrain = cfg.get("retrain")
+    if objective == "retrain/val_acc" and isinstance(retrain, DictConfig) and retrain.get("enabled", True):
+        if retrain.get("val_split") == 0:
+            raise validate.ConfigError(
+                "objective=retrain/val_acc needs a validation part (retrain.val_split=0 runs no validation); "
+                f"valid: retrain.val_split > 0, or objective={OBJECTIVES[1]} (selecting on the test set is optimistic)"
+            )
+
+
+def _last_value(path: Path, columns) -> float | None:
+    """The last value logged in any of ``columns`` of a ``metrics.csv``."""
+    if not path.is_file():
+        return None
+    last = None
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            for col in columns:
+                if row.get(col) not in (None, ""):
+                    last = float(row[col])
+    return last
+
+
+def objective_value(report: dict, run_dir: Path, objective: str = OBJECTIVES[0]) -> float | None:
+    """The number a Hydra sweeper optimises (higher is better), from the run's report and
+    metrics; a run without retraining falls back to ``search/val_acc``. None (with a warning)
+    when the run measured nothing of the kind."""
+    stage, _, metric = objective.partition("/")
+    if stage == "retrain" and report.get("retrain") is not None:
+        value = report["retrain"].get(metric)
+        if value is None:
+            log.warning("objective %s: the retraining measured no %s (retrain.val_split=0?)", objective, metric)
+        return None if value is None else float(value)
+    if stage == "retrain":
+        log.info("objective: no retraining in this run, so search/val_acc (the search's last val/acc)")
+    value = _last_value(run_dir / "metrics.csv", ("val/acc", "search/val/acc", "search/val_acc"))
+    if value is None:
+        log.warning("objective search/val_acc: the search logged no val/acc (strategy=tenas, or no validation batches)")
+    return value
 
 
 def _user_error(exc: BaseException) -> BaseException | None:
@@ -104,6 +269,8 @@ class RefuseBadStart(Callback):
         try:
             HydraConfig.instance().set_config(config)  # run_job sets it again; the type check reads it now
             validate.check_override_types(config)
+            check_trainer(config)
+            check_objective(config)
             datasets = GlobalHydra.instance().config_loader().get_group_options("data")
             validate.check_config(config, hydra_run_dir=config.hydra.run.dir if pinned else None, datasets=datasets)
         except validate.ConfigError as err:
@@ -157,27 +324,57 @@ def _refuse(err: BaseException) -> None:
 
 
 def _run(fn, cfg: DictConfig):
+    from oneshot.quiet import quiet_libraries
+
+    quiet_libraries()  # no hardware banners, tips or library deprecation warnings
     try:
         _one_run_dir_for_all_ranks(cfg)
         validate.check_override_types(cfg)  # again for -m jobs, which RefuseBadStart does not see
-        return fn(cfg)  # oneshot.search / retrain check the values again (the Python API's path)
+        check_trainer(cfg)
+        check_objective(cfg)
+        report = fn(cfg)  # oneshot.search / retrain check the values again (the Python API's path)
     except Exception as exc:
         err = _user_error(exc)
         if err is None or os.environ.get("ONESHOT_TRACEBACK"):
             raise
         _remove_refused_start(cfg)
         _refuse(err)
+    if os.environ.get("LOCAL_RANK", "0") != "0":
+        return None
+    from hydra.core.hydra_config import HydraConfig
+
+    run_dir = cfg.get("run_dir") or (HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else None)
+    return objective_value(report, Path(run_dir), cfg.get("objective") or OBJECTIVES[0]) if run_dir else None
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="search")
-def search_main(cfg: DictConfig) -> None:
+def _search_app(cfg: DictConfig) -> float | None:
     from oneshot import search
 
-    _run(search, cfg)
+    return _run(search, cfg)  # the objective: what a sweeper (hydra/sweeper=optuna) optimises
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="retrain")
-def retrain_main(cfg: DictConfig) -> None:
+def _retrain_app(cfg: DictConfig) -> float | None:
     from oneshot import retrain
 
-    _run(retrain, cfg)
+    return _run(retrain, cfg)
+
+
+def _with_rewritten_argv(app) -> None:
+    try:
+        sys.argv[1:] = rewrite_overrides(sys.argv[1:])  # in place: Lightning's DDP ranks rerun sys.argv
+    except validate.ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)  # before Hydra sets up logging: this line only
+        sys.exit(2)
+    app()
+
+
+def search_main() -> None:
+    """``oneshot-search``."""
+    _with_rewritten_argv(_search_app)
+
+
+def retrain_main() -> None:
+    """``oneshot-retrain``."""
+    _with_rewritten_argv(_retrain_app)

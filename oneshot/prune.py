@@ -28,6 +28,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
+import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -251,6 +254,7 @@ class _Meter:
             self.ntk_net, self.regions_net = space.ntk_network(), space.regions_network()
         self.batch, self.crops, self.num_inits, self.seed = batch, crops, num_inits, seed
         self.precision, self.method, self.progress = precision, method, progress
+        self.start = time.perf_counter()
 
     def _kappa(self, masks):
         with average_masked_ops(self.ntk_net):
@@ -266,7 +270,8 @@ class _Meter:
 
     def __call__(self, current, variants, round_, label):
         k, r, dk, dr = ([0.0] * len(variants) for _ in range(4))
-        with _progress(self.progress, label, self.num_inits * (len(variants) + 1)) as advance:
+        line = f"{label}: {len(variants) + 1} networks x {self.num_inits} inits, {time.perf_counter() - self.start:.0f} s in"
+        with _progress(self.progress, label, line, self.num_inits * (len(variants) + 1)) as advance:
             for i in range(self.num_inits):
                 s = self.seed * 1_000_003 + round_ * 1_009 + i  # a fresh init per round and repeat
                 reinit_(self.ntk_net, "fan_out", torch.Generator().manual_seed(s))
@@ -283,13 +288,21 @@ class _Meter:
 
 
 @contextlib.contextmanager
-def _progress(enabled: bool, label: str, total: int):
+def _progress(enabled: bool, label: str, line: str, total: int):
+    """A transient bar on a terminal; piped (a log file, a cluster job's output), where a bar
+    shows nothing until it ends, the plain ``line`` once per round, so a long prune (minutes per
+    round on the DARTS space) is never silent."""
     if not enabled:
         yield lambda: None
         return
+    if not sys.stderr.isatty():
+        log.info(line)
+        yield lambda: None
+        return
+    from rich.console import Console
     from rich.progress import Progress
 
-    with Progress(transient=True) as bar:
+    with Progress(console=Console(stderr=True), transient=True) as bar:
         task = bar.add_task(label, total=total)
         yield lambda: bar.advance(task)
 
@@ -310,6 +323,15 @@ def _first_per_group(order, cands, group, quota: dict) -> set[int]:
             taken[g] = taken.get(g, 0) + 1
             chosen.add(i)
     return chosen
+
+
+def _count_rounds(space: TenasSpace, alive: dict, keep: int, per_round: int) -> int:
+    """How many rounds ``prune`` will take: each op round removes up to ``per_round`` ops from
+    every edge, then (DARTS, ``keep == 1``) one edge round per node with surplus inputs."""
+    op_rounds = max((math.ceil((len(a) - keep) / per_round) for e in alive.values() for a in e if len(a) > keep), default=0)
+    if keep > 1 or space.genotype is None or not space.node_edges:
+        return op_rounds
+    return op_rounds + len(alive) * sum(len(node) > space.inputs_per_node for node in space.node_edges)
 
 
 def prune(space: str | TenasSpace = "nb201", images: torch.Tensor | None = None, keep: int = 1, *,
@@ -335,11 +357,11 @@ def prune(space: str | TenasSpace = "nb201", images: torch.Tensor | None = None,
         random_crops(images, n_crops, crop_size, seed),
     )
     meter = _Meter(space, batch, crops, num_inits, seed, precision, method, progress)
-    history, round_ = [], 0
+    history, round_, rounds = [], 0, _count_rounds(space, alive, keep, per_round)
 
     def rank(cands, variants, stage, group, quota):
         """Measure the variants, rank them, record the rows; the candidates to remove."""
-        k, r, dk, dr = meter(alive, variants, round_, f"TE-NAS {stage} round {round_}")
+        k, r, dk, dr = meter(alive, variants, round_, f"TE-NAS round {round_ + 1}/{rounds} ({stage}s)")
         order, nr, rr = combined_order(dk, dr)
         removed = _first_per_group(order, cands, group, quota)
         for i, (t, e, op) in enumerate(cands):

@@ -50,6 +50,15 @@ def records(path: Path) -> list:
 
 
 def offline_run(run_dir: Path) -> tuple[Path, dict]:
+    """The run's records, read once the file is complete. ``wandb.finish()`` only asks the
+    wandb-core process to close the run's stream; its writer keeps the last 32 KiB block in memory
+    until that stream closes, which a busy machine delays past finish() (the artifact records,
+    logged last, were then missing). ``wandb.teardown()`` returns when wandb-core has closed
+    every stream and exited, so the file is whole: a wait on an event, not on time. (Runs made
+    in a subprocess are whole once it exits: its atexit teardown does the same.)"""
+    import wandb
+
+    wandb.teardown()
     (run,) = (run_dir / "wandb").glob("offline-run-*")
     by_kind: dict = {}
     for r in records(next(run.glob("run-*.wandb"))):
