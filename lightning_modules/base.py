@@ -19,6 +19,8 @@ from pytorch_lightning.utilities import rank_zero_only
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_modules.checkpoint_hparams import RebuildFromConfig
+
 log = logging.getLogger("oneshot")
 
 
@@ -104,7 +106,7 @@ def check_ranks_agree(module: torch.nn.Module, genotype) -> dict | None:
     return {"world_size": dist.get_world_size(), "max_parameter_diff_across_ranks": float(diff)}
 
 
-class SearchModule(pl.LightningModule):
+class SearchModule(RebuildFromConfig, pl.LightningModule):
     """Base of the search strategies. Subclasses implement ``training_step``."""
 
     def __init__(self, supernet: torch.nn.Module):

@@ -71,11 +71,14 @@ class ArchitecturePictures(Callback):
 
 @rank_zero_only
 def finish_pictures(
-    loggers, run_dir, report: dict | None = None, draw: bool = True, use_dot: bool = True
-) -> None:
+    loggers, run_dir, report: dict | None = None, draw: bool = True, use_dot: bool = True,
+    stage: str | None = None,
+) -> None:  # fmt: skip
     """Redraw a finished stage's pictures (``draw``); with W&B log them, the TE-NAS table and the
     artifacts. A picture that fails to draw is reported and skipped: it must not cost the run
-    its results."""
+    its results. ``stage`` says what goes to these loggers' run: ``"search"`` the search's
+    pictures, the TE-NAS table and the genotype files; ``"retrain"`` (a search's retraining,
+    ``run_dir`` the search's) the retraining's pictures and the network; None everything."""
     run_dir, written = Path(run_dir), []
     try:
         written = plots.redraw(run_dir, epochs=False, use_dot=use_dot) if draw else []
@@ -86,21 +89,24 @@ def finish_pictures(
             e,
             run_dir,
         )
+    if stage is not None:
+        written = [p for p in written if p.stem.startswith("retrain") == (stage == "retrain")]
     for lg in wandb_loggers(loggers):
         run = lg.experiment
         import wandb
 
         for path in written:
             lg.log_image(f"plots/{path.stem}", [str(path)])
-        prune = plots.prune_history(run_dir, report)
+        prune = plots.prune_history(run_dir, report) if stage != "retrain" else None
         if prune:
             columns = list(prune[0])
             lg.log_table(
                 "tenas/pruning", columns=columns, data=[[r.get(c) for c in columns] for r in prune]
             )
         genotype_files = [
-            run_dir / n for n in ("genotype.txt", "genotype.json") if (run_dir / n).is_file()
-        ]
+            run_dir / n for n in ("genotype.txt", "genotype.json")
+            if (run_dir / n).is_file() and stage != "retrain"
+        ]  # fmt: skip
         if genotype_files:
             art = wandb.Artifact(
                 f"genotype-{run.id}",
@@ -111,7 +117,7 @@ def finish_pictures(
                 art.add_file(str(f))
             run.log_artifact(art)
         for network in (run_dir / "retrain" / "network.pt", run_dir / "network.pt"):
-            if network.is_file():
+            if network.is_file() and stage != "search":
                 retrain = (report or {}).get("retrain") or {}
                 meta = {k: retrain.get(k) for k in ("test_acc", "parameters", "network")}
                 art = wandb.Artifact(

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytorch_lightning as pl
 import torch
@@ -26,7 +27,8 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_only
 
 from lightning_modules.base import check_ranks_agree
-from lightning_modules.pictures import ArchitecturePictures, finish_pictures
+from lightning_modules.checkpoint_hparams import record_hparams
+from lightning_modules.pictures import finish_pictures
 from lightning_modules.retrain import Retrain
 from lightning_modules.retrain_recipes import network_size, resolve_recipe
 from lightning_modules.run_safety import (
@@ -38,9 +40,12 @@ from lightning_modules.run_safety import (
 from lightning_modules.runs import (
     atomic_write_json,
     atomic_write_text,
+    make_callbacks,
     make_loggers,
     make_trainer,
+    pictures_enabled,
     resolve_run_dir,
+    validates,
 )
 from oneshot.data import RetrainDataModule, SearchDataModule
 from oneshot.genotypes import parse as parse_genotype
@@ -58,12 +63,16 @@ def _data_kwargs(cfg_data: DictConfig, drop=(), **overrides) -> dict:
     return kwargs
 
 
-def build_supernet(cfg: DictConfig, info, candidates=None):
+def supernet_config(cfg: DictConfig, info, candidates=None) -> dict:
+    """The supernet's ``_target_`` and constructor arguments, the data's shape included: what
+    builds it here and, kept in checkpoints, in ``load_from_checkpoint``."""
     extra = {"candidates": candidates} if candidates is not None else {}
-    return instantiate(
-        cfg.space.supernet, num_classes=info.num_classes, in_channels=info.in_channels,
-        image_size=info.image_size, _convert_="all", **extra,
-    )  # fmt: skip
+    return {**OmegaConf.to_container(cfg.space.supernet, resolve=True), "num_classes": info.num_classes,
+            "in_channels": info.in_channels, "image_size": info.image_size, **extra}  # fmt: skip
+
+
+def build_supernet(cfg: DictConfig, info, candidates=None):
+    return instantiate(supernet_config(cfg, info, candidates), _convert_="all")
 
 
 def search(cfg: DictConfig) -> dict:
@@ -82,13 +91,17 @@ def search(cfg: DictConfig) -> dict:
         candidates, warmstart_report = run_warmstart(cfg, datamodule, run_dir)
     supernet = build_supernet(cfg, info, candidates)
     module = instantiate(cfg.strategy, supernet=supernet, _convert_="partial")
-    loggers = make_loggers(cfg, run_dir)
+    strategy_cfg = OmegaConf.to_container(cfg.strategy, resolve=True)
+    strategy_cfg.pop("_target_")
+    record_hparams(module, **strategy_cfg, supernet=supernet_config(cfg, info, candidates))  # DartsSearch.load_from_checkpoint(...)
+    loggers = make_loggers(cfg, run_dir, stage="search")
     start = time.perf_counter()
-    draw = _draw_pictures(cfg)
+    draw = pictures_enabled(cfg)
     search_from = _ckpt(cfg, run_dir, "search")
     resumed_at = progress(read_checkpoint(search_from)) if search_from else None  # before fit moves it on
     try:
-        trainer = make_trainer(cfg.trainer, run_dir, loggers, callbacks=[ArchitecturePictures(run_dir)] if draw else [])
+        callbacks = make_callbacks(cfg, run_dir, validates(OmegaConf.to_container(cfg.trainer, resolve=True)))
+        trainer = make_trainer(cfg.trainer, run_dir, loggers, callbacks=callbacks)
         if getattr(module, "training_free", False):  # TE-NAS: the search is a prune; no fit, no checkpoints
             module.search_without_training(datamodule, run_dir)
         else:
@@ -111,18 +124,27 @@ def search(cfg: DictConfig) -> dict:
             atomic_write_json(run_dir / "genotype.json", genotype.to_json())
             atomic_write_json(run_dir / "report.json", report)
         log.info("derived genotype: %s", genotype)
-        if cfg.retrain.enabled:
-            network_kwargs = OmegaConf.to_container(cfg.space.network, resolve=True)
-            retrain_dir = run_dir / "retrain"  # a resumed search resumes its retraining too
-            ckpt = _ckpt(cfg, retrain_dir, "retrain", search=(run_dir, resumed_at))
-            report["retrain"] = retrain_genotype(genotype, cfg, retrain_dir, network_kwargs, loggers, ckpt)
-            if trainer.is_global_zero:
-                atomic_write_json(run_dir / "report.json", report)
-        finish_pictures(loggers, run_dir, report, draw=draw)
+        finish_pictures(loggers, run_dir, report, draw=draw, stage="search")
     except BaseException:
         _finish(loggers, exit_code=1)
         raise
-    _finish(loggers)
+    # The search's loggers end here: the retraining logs into its own (W&B: a second run in the
+    # search's group), so each run's summary and step axis belong to one stage.
+    search_run = _finish(loggers)
+    if cfg.retrain.enabled:
+        network_kwargs = OmegaConf.to_container(cfg.space.network, resolve=True)
+        retrain_dir = run_dir / "retrain"  # a resumed search resumes its retraining too
+        ckpt = _ckpt(cfg, retrain_dir, "retrain", search=(run_dir, resumed_at))
+        retrain_loggers = make_loggers(cfg, retrain_dir, stage="retrain", search_run=search_run)
+        try:
+            report["retrain"] = retrain_genotype(genotype, cfg, retrain_dir, network_kwargs, retrain_loggers, ckpt)
+            if trainer.is_global_zero:
+                atomic_write_json(run_dir / "report.json", report)
+            finish_pictures(retrain_loggers, run_dir, report, draw=draw, stage="retrain")
+        except BaseException:
+            _finish(retrain_loggers, exit_code=1)
+            raise
+        _finish(retrain_loggers)
     _print_summary(report, run_dir)
     return report
 
@@ -136,11 +158,11 @@ def retrain(cfg: DictConfig) -> dict:
     resolve_recipe(cfg, genotype.space)  # bad values stop here, before the run directory is made
     _check_ckpt_path(cfg, ("retrain",))
     run_dir = resolve_run_dir(cfg)
-    loggers = make_loggers(cfg, run_dir)
+    loggers = make_loggers(cfg, run_dir, stage="retrain")
     try:
         report = {"genotype": str(genotype), "space": genotype.space}
         report["retrain"] = retrain_genotype(genotype, cfg, run_dir, network_kwargs, loggers, _ckpt(cfg, run_dir, "retrain"))
-        finish_pictures(loggers, run_dir, report, draw=_draw_pictures(cfg))
+        finish_pictures(loggers, run_dir, report, draw=pictures_enabled(cfg))
     except BaseException:
         _finish(loggers, exit_code=1)
         raise
@@ -151,7 +173,8 @@ def retrain(cfg: DictConfig) -> dict:
 
 def retrain_genotype(genotype, cfg, out_dir: Path, network_kwargs: dict, loggers=None, ckpt_path=None) -> dict:
     """Train ``genotype``'s network from scratch with the recipe of its space (conf/retrain/), on the
-    training set less a validation part; the test set is used once, after training."""
+    training set less a validation part; the test set is used once, after training. ``loggers``
+    write into ``out_dir`` (``make_loggers(cfg, out_dir, stage="retrain")``)."""
     rcfg = resolve_recipe(cfg, genotype.space)
     pl.seed_everything(cfg.seed, workers=True)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -169,11 +192,18 @@ def retrain_genotype(genotype, cfg, out_dir: Path, network_kwargs: dict, loggers
         network, optimizer=instantiate(rcfg.optimizer), lr_min=rcfg.lr_min,
         auxiliary_weight=rcfg.auxiliary_weight, drop_path_prob=rcfg.drop_path_prob,
     )  # fmt: skip
+    network_cfg = {"_target_": "oneshot.spaces.build_network",
+                   "genotype": {"_target_": "oneshot.genotypes.parse", "text": str(genotype)},
+                   "num_classes": info.num_classes, "in_channels": info.in_channels, "image_size": info.image_size,
+                   **network_kwargs}  # fmt: skip
+    record_hparams(module, network=network_cfg, optimizer=OmegaConf.to_container(rcfg.optimizer, resolve=True),
+                   lr_min=rcfg.lr_min, auxiliary_weight=rcfg.auxiliary_weight, drop_path_prob=rcfg.drop_path_prob)  # fmt: skip
     # Not struct: retrain.trainer may set Trainer arguments that the search's trainer leaves out.
     trainer_cfg = OmegaConf.merge(OmegaConf.to_container(cfg.trainer, resolve=True), rcfg.trainer)
-    retrain_loggers = make_loggers(cfg, out_dir, wandb_from=loggers)
     no_val = {"limit_val_batches": 0} if not rcfg.val_split else {}  # val_split=0: no validation loop
-    trainer = make_trainer(trainer_cfg, out_dir, retrain_loggers, gradient_clip_val=rcfg.grad_clip or None, **no_val)
+    callbacks = make_callbacks(cfg, out_dir, validates({**OmegaConf.to_container(trainer_cfg, resolve=True), **no_val}))
+    trainer = make_trainer(trainer_cfg, out_dir, loggers or [], callbacks=callbacks,
+                           gradient_clip_val=rcfg.grad_clip or None, **no_val)  # fmt: skip
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     seconds = time.perf_counter() - start
@@ -287,23 +317,23 @@ def _ckpt(cfg, stage_dir: Path, stage: str, search: tuple | None = None):
     return chosen
 
 
-def _draw_pictures(cfg) -> bool:
-    """``logger.pictures`` (conf/logger/*.yaml): heatmaps and cell pictures in RUN_DIR/plots."""
-    return bool((cfg.get("logger") or {}).get("pictures", True))
-
-
-def _finish(loggers, exit_code: int = 0) -> None:
-    """End the W&B run, marked failed (``exit_code=1``) when the stage raised; an offline run
-    says how to upload it."""
+def _finish(loggers, exit_code: int = 0):
+    """End the stage's W&B run, marked failed (``exit_code=1``) when the stage raised; an offline
+    run says how to upload it. Returns the run's name, id and group (the retraining is named
+    after the search), or None without W&B."""
+    ended = None
     for lg in loggers or []:
         if type(lg).__name__ == "WandbLogger":
             import wandb
 
             run = lg._experiment  # None if nothing was logged: then there is no run to end
+            if run is not None:
+                ended = SimpleNamespace(name=run.name, id=run.id, group=run.group)
             offline = run is not None and getattr(run.settings, "mode", "") == "offline"
             wandb.finish(exit_code=exit_code)
             if offline and rank_zero_only.rank == 0:
                 log.info("W&B run saved offline; upload it with: wandb sync %s", Path(run.dir).parent)
+    return ended
 
 
 def _print_summary(report: dict, run_dir: Path) -> None:

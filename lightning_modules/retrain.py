@@ -22,9 +22,10 @@ from lightning_modules.base import (
     info,
     num_classes_of,
 )
+from lightning_modules.checkpoint_hparams import RebuildFromConfig
 
 
-class Retrain(pl.LightningModule):
+class Retrain(RebuildFromConfig, pl.LightningModule):
     def __init__(
         self,
         network: torch.nn.Module,

@@ -25,14 +25,13 @@ import pytorch_lightning as pl
 import torch
 from lightning_fabric.loggers.logger import rank_zero_experiment
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.callbacks import Callback, RichProgressBar, TQDMProgressBar
+from pytorch_lightning.callbacks import Callback, RichProgressBar
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 from pytorch_lightning.utilities import rank_zero_only
 
 from lightning_modules.run_safety import (
-    RunCheckpoint,
     check_resume,
     keep_config_history,
     lock_run_dir,
@@ -107,14 +106,20 @@ class _AppendingWriter(ExperimentWriter):
         atomic_write_text(self.metrics_file_path, out.getvalue())
         self.metrics = []
 
-    def forget_from_epoch(self, epoch: int) -> None:
+    def forget_from_epoch(self, epoch: int, step: int | None = None) -> None:
         """Drop rows of epochs >= ``epoch``: what a killed run logged after its last checkpoint,
-        which the resumed run logs again."""
+        which the resumed run logs again. Rows without an epoch (a callback's, such as the
+        learning-rate monitor's at an epoch's start) go by their step: those at ``step`` or later."""
         if not os.path.isfile(self.metrics_file_path):
             return
         with open(self.metrics_file_path, newline="") as f:
             rows = list(csv.DictReader(f))
-        kept = [r for r in rows if not r.get("epoch") or int(float(r["epoch"])) < epoch]
+        def before(r):
+            if r.get("epoch"):
+                return int(float(r["epoch"])) < epoch
+            return step is None or not r.get("step") or int(float(r["step"])) < step
+
+        kept = [r for r in rows if before(r)]
         if len(kept) < len(rows):
             out = io.StringIO()
             writer = csv.DictWriter(out, fieldnames=self.metrics_keys)
@@ -149,7 +154,7 @@ class RNGState(Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         for lg in trainer.loggers:
             if isinstance(lg, RunCSVLogger) and trainer.is_global_zero:
-                lg.experiment.forget_from_epoch(trainer.current_epoch)
+                lg.experiment.forget_from_epoch(trainer.current_epoch, trainer.fit_loop.epoch_loop._batches_that_stepped)
         if self._pending is None:
             return
         state, self._pending = self._pending, None
@@ -165,8 +170,8 @@ class RNGState(Callback):
 class RunCSVLogger(CSVLogger):
     """``metrics.csv`` directly in the run directory, kept across resumes."""
 
-    def __init__(self, run_dir: Path):
-        super().__init__(save_dir=str(run_dir), name="", version="")
+    def __init__(self, save_dir):
+        super().__init__(save_dir=str(save_dir), name="", version="")
 
     @rank_zero_only
     def after_save_checkpoint(self, checkpoint_callback) -> None:
@@ -223,6 +228,80 @@ def refuse_to_overwrite(run_dir: Path, ckpt_path) -> None:
         )
 
 
+def progress_bar(**kwargs):
+    """``callbacks.progress_bar``: Rich's bar on a terminal; ``None`` (no bar) when stderr is not
+    one, since a piped bar is a 1,000-character line of carriage returns. The modules log one
+    plain line per epoch either way (``lightning_modules.base.info``)."""
+    return RichProgressBar(**kwargs) if sys.stderr.isatty() else None
+
+
+def _entries(group) -> dict:
+    """The ``_target_`` entries of a ``callbacks``/``logger`` group (``null`` ones are switched
+    off; plain values such as ``logger.pictures`` are settings, not objects)."""
+    return {name: e for name, e in (group or {}).items() if isinstance(e, DictConfig) and "_target_" in e}
+
+
+def _target(entry, where: str):
+    from hydra.utils import get_object
+
+    try:
+        return get_object(entry._target_)
+    except Exception as e:  # a typo in a user's _target_: one line naming it
+        raise ValueError(f"{where}._target_={entry._target_} cannot be imported ({str(e).splitlines()[0][:160]})") from None
+
+
+def _build(entry, where: str, **fill):
+    """Instantiate a group entry; ``fill`` gives values only to the entry's keys left ``null``
+    (paths of the run directory), so a user's YAML never holds a path of this machine."""
+    from hydra.utils import instantiate
+
+    _target(entry, where)
+    try:
+        return instantiate(entry, **{k: v for k, v in fill.items() if k in entry and entry[k] is None})
+    except Exception as e:
+        raise ValueError(f"{where}: {entry._target_} cannot be made ({str(e).splitlines()[-1][:200]})") from None
+
+
+def _is(entry, where: str, base: type) -> bool:
+    obj = _target(entry, where)
+    return isinstance(obj, type) and issubclass(obj, base)
+
+
+def pictures_enabled(cfg: DictConfig) -> bool:
+    """``logger.pictures`` (``logger=none``: false): the per-epoch pictures and the final ones."""
+    return bool((cfg.get("logger") or {}).get("pictures", True))
+
+
+def make_callbacks(cfg: DictConfig, stage_dir: Path, validates: bool = True) -> list:
+    """The ``callbacks`` group for a stage writing into ``stage_dir`` (checkpoints in
+    ``stage_dir/checkpoints``). ``validates=False`` (no validation loop: ``limit_val_batches=0``,
+    ``retrain.val_split=0``): there is no metric to rank checkpoints or stop early by, so only
+    ``last.ckpt`` is kept (or every epoch with ``save_top_k=-1``) and early stopping is off."""
+    from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
+
+    from lightning_modules.pictures import ArchitecturePictures
+
+    out = []
+    for name, entry in _entries(cfg.get("callbacks")).items():
+        where, extra = f"callbacks.{name}", {}
+        if _is(entry, where, ArchitecturePictures) and not pictures_enabled(cfg):
+            continue
+        if _is(entry, where, EarlyStopping) and not validates:
+            log.info("%s is off: this stage runs no validation to monitor", where)
+            continue
+        if _is(entry, where, ModelCheckpoint) and not validates and entry.get("monitor"):
+            extra = {"monitor": None, "save_top_k": -1 if entry.get("save_top_k") == -1 else 0}
+        callback = _build(OmegaConf.merge(entry, extra), where, dirpath=str(stage_dir / "checkpoints"), run_dir=str(stage_dir))
+        if callback is not None:  # a factory may decline (progress_bar when piped)
+            out.append(callback)
+    return out
+
+
+def validates(trainer_kwargs: dict) -> bool:
+    """Whether a Trainer with these arguments runs a validation loop."""
+    return trainer_kwargs.get("limit_val_batches", 1.0) not in (0, 0.0)
+
+
 def _wandb_mode(requested: str) -> tuple[str, str]:
     """``(mode, reason)``: ``auto`` is online when logged in and the W&B server answers, offline
     otherwise (an online run without network would stall in ``wandb.init`` for minutes)."""
@@ -263,38 +342,42 @@ def _sweep_names(cfg: DictConfig) -> dict:
     return {"group": f"{cfg.get('name', 'run')}-{sweep}", "name": hc.job.override_dirname or f"job{hc.job.num}"}
 
 
-def make_loggers(cfg: DictConfig, run_dir: Path, wandb_from=None) -> list:
-    """CSV always (``metrics.csv`` in the run directory); W&B when ``logger=wandb``.
-
-    ``wandb_from``: loggers of an earlier stage in the same process whose W&B run is reused,
-    so search and retraining land in one W&B run.
-    """
-    loggers = [RunCSVLogger(run_dir)]
-    wcfg = cfg.get("logger", {}).get("wandb") if cfg.get("logger") else None
-    if wcfg is None:
-        return loggers
-    for lg in wandb_from or []:
-        if type(lg).__name__ == "WandbLogger":
-            return [*loggers, lg]
+def make_loggers(cfg: DictConfig, run_dir: Path, stage: str | None = None, search_run=None) -> list:
+    """The ``logger`` group for a stage writing into ``run_dir`` (``save_dir: null`` is filled
+    with it). Every logger's config is the resolved Hydra config, exactly (``config.yaml``; the
+    CSV logger has it there already). ``stage`` (``search``/``retrain``; default ``cfg.name``)
+    is W&B's job type; ``search_run`` (the search's W&B run) puts the retraining in the
+    search's group, named after it: two runs whose summaries each mean one stage."""
     from pytorch_lightning.loggers import WandbLogger
 
-    mode, why = _wandb_mode(wcfg.get("mode", "auto"))
+    loggers, stage = [], stage or cfg.get("name", "run")
+    for name, entry in _entries(cfg.get("logger")).items():
+        where, fill = f"logger.{name}", {"save_dir": str(run_dir)}
+        if _is(entry, where, WandbLogger):
+            settings, why = _wandb_settings(cfg, entry, run_dir, stage, search_run)
+            entry = OmegaConf.merge(entry, settings)
+            if settings["mode"] == "offline" and rank_zero_only.rank == 0:
+                log.info("W&B is offline (%s); upload later with: wandb sync %s/wandb/offline-run-*", why, run_dir)
+        loggers.append(_build(entry, where, **fill))
+    config = OmegaConf.to_container(cfg, resolve=True)
+    for lg in loggers:
+        if not isinstance(lg, RunCSVLogger):  # it has config.yaml beside it
+            lg.log_hyperparams(config)
+    return loggers
+
+
+def _wandb_settings(cfg: DictConfig, entry, run_dir: Path, stage: str, search_run) -> tuple[dict, str]:
+    """W&B's mode (``auto`` resolved), group, name, job type and directory for one stage."""
+    mode, why = _wandb_mode(entry.get("mode") or "auto")
     sweep = _sweep_names(cfg)
-    wandb_logger = WandbLogger(
-        project=wcfg.get("project", "oneshot"),
-        entity=wcfg.get("entity"),
-        group=wcfg.get("group") or sweep.get("group"),
-        name=wcfg.get("name") or sweep.get("name"),
-        job_type=cfg.get("name"),
-        tags=list(wcfg.get("tags") or []),
-        mode=mode,
-        save_dir=str(run_dir),
-        log_model=wcfg.get("log_model", False),
-        config=OmegaConf.to_container(cfg, resolve=True),
-    )
-    if mode == "offline":
-        log.info("W&B is offline (%s); upload later with: wandb sync %s/wandb/offline-run-*", why, run_dir)
-    return [*loggers, wandb_logger]
+    group = entry.get("group") or sweep.get("group") or f"{cfg.get('name', 'run')}-{Path(run_dir).name}"
+    name = entry.get("name") or sweep.get("name")
+    if search_run is not None:  # the retraining of a search: beside it, named after it
+        group = search_run.group or group
+        name = f"{search_run.name or search_run.id}-retrain"
+    settings = {"mode": mode, "group": group, "name": name, "job_type": entry.get("job_type") or stage,
+                "save_dir": entry.get("save_dir") or str(run_dir)}  # fmt: skip
+    return settings, why
 
 
 def _several_processes(kwargs: dict) -> bool:
@@ -314,14 +397,16 @@ def _several_processes(kwargs: dict) -> bool:
 def make_trainer(trainer_cfg: DictConfig, run_dir: Path, loggers, callbacks=(), **extra) -> pl.Trainer:
     kwargs = OmegaConf.to_container(trainer_cfg, resolve=True)
     kwargs.update(extra)
-    callbacks = [
-        RunCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=True, save_top_k=-1, every_n_epochs=1,
-                      filename="epoch={epoch:03d}", auto_insert_metric_name=False),
-        RNGState(),
-        *callbacks,
-    ]  # fmt: skip
-    if kwargs.get("enable_progress_bar", True):  # +trainer.enable_progress_bar=false: no bar at all
-        callbacks.append(RichProgressBar() if sys.stderr.isatty() else TQDMProgressBar(refresh_rate=20))
+    callbacks = [c for c in callbacks if c is not None]
+    from pytorch_lightning.callbacks import LearningRateMonitor, ProgressBar
+
+    if not kwargs.get("enable_progress_bar", True) or not any(isinstance(c, ProgressBar) for c in callbacks):
+        # trainer.enable_progress_bar=false, or no bar configured (piped output): no bar at all,
+        # not Lightning's default one.
+        kwargs["enable_progress_bar"] = False
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+    if not loggers:  # Lightning refuses a learning-rate monitor with nothing to log to
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     strategy = kwargs.pop("strategy", "auto")
     # Architecture values (alphas, probabilities, entropy) are logged per epoch without
     # sync_dist: they are equal on every rank, so Lightning's advice to reduce them is noise.

@@ -172,21 +172,22 @@ def _last_value(path: Path, columns) -> float | None:
     return last
 
 
-def objective_value(report: dict, run_dir: Path, objective: str = OBJECTIVES[0]) -> float | None:
+def objective_value(report: dict, run_dir: Path, objective: str = OBJECTIVES[0], warn: bool = False) -> float | None:
     """The number a Hydra sweeper optimises (higher is better), from the run's report and
-    metrics; a run without retraining falls back to ``search/val_acc``. None (with a warning)
-    when the run measured nothing of the kind."""
+    metrics; a run without retraining falls back to ``search/val_acc``. None when the run
+    measured nothing of the kind (``warn``: say so; a sweeper then has no number for the run)."""
+    say = log.warning if warn else log.debug
     stage, _, metric = objective.partition("/")
     if stage == "retrain" and report.get("retrain") is not None:
         value = report["retrain"].get(metric)
         if value is None:
-            log.warning("objective %s: the retraining measured no %s (retrain.val_split=0?)", objective, metric)
+            say("objective %s: the retraining measured no %s (retrain.val_split=0?)", objective, metric)
         return None if value is None else float(value)
     if stage == "retrain":
-        log.info("objective: no retraining in this run, so search/val_acc (the search's last val/acc)")
+        log.debug("objective: no retraining in this run, so search/val_acc (the search's last val/acc)")
     value = _last_value(run_dir / "metrics.csv", ("val/acc", "search/val/acc", "search/val_acc"))
     if value is None:
-        log.warning("objective search/val_acc: the search logged no val/acc (strategy=tenas, or no validation batches)")
+        say("objective search/val_acc: the search logged no val/acc (strategy=tenas, or no validation batches)")
     return value
 
 
@@ -343,8 +344,12 @@ def _run(fn, cfg: DictConfig):
         return None
     from hydra.core.hydra_config import HydraConfig
 
-    run_dir = cfg.get("run_dir") or (HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else None)
-    return objective_value(report, Path(run_dir), cfg.get("objective") or OBJECTIVES[0]) if run_dir else None
+    if not HydraConfig.initialized():
+        return None
+    hydra_cfg = HydraConfig.get()
+    sweeping = "BasicSweeper" not in str(OmegaConf.select(hydra_cfg, "sweeper._target_", default=""))
+    run_dir = Path(cfg.get("run_dir") or hydra_cfg.runtime.output_dir)
+    return objective_value(report, run_dir, cfg.get("objective") or OBJECTIVES[0], warn=sweeping)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="search")

@@ -542,7 +542,8 @@ class SearchDataModule(_ImageDataModule):
         get_entry(name)  # a bad name fails at construction, not at fit time
         if not 0 < split < 1:
             raise ValueError(f"split must be in (0, 1), got {split}")
-        self.save_hyperparameters()
+        # Kept in checkpoints, not logged: a run's logged config is its resolved Hydra config.
+        self.save_hyperparameters(logger=False)
 
     def setup(self, stage=None):
         if self.splits is not None:  # Lightning calls setup for every stage, on every rank
@@ -593,7 +594,8 @@ class RetrainDataModule(_ImageDataModule):
         get_entry(name)
         val_images(val_split, None)  # bad values fail at construction, not at fit time
         cutout_pixels(cutout, 1)
-        self.save_hyperparameters()
+        # Kept in checkpoints, not logged: a run's logged config is its resolved Hydra config.
+        self.save_hyperparameters(logger=False)
 
     def setup(self, stage=None):
         if self.splits is not None:

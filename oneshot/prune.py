@@ -361,7 +361,7 @@ def prune(space: str | TenasSpace = "nb201", images: torch.Tensor | None = None,
 
     def rank(cands, variants, stage, group, quota):
         """Measure the variants, rank them, record the rows; the candidates to remove."""
-        k, r, dk, dr = meter(alive, variants, round_, f"TE-NAS round {round_ + 1}/{rounds} ({stage}s)")
+        k, r, dk, dr = meter(alive, variants, round_, f"TE-NAS round {round_} ({round_ + 1} of {rounds}, {stage}s)")
         order, nr, rr = combined_order(dk, dr)
         removed = _first_per_group(order, cands, group, quota)
         for i, (t, e, op) in enumerate(cands):

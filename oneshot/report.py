@@ -1,6 +1,11 @@
 """``oneshot-report DIR...``: the runs under some directories (single runs, ``-m`` multirun
-directories, or folders holding either) as one table, then the test accuracy's mean ± std
-across seeds per (strategy, space): how much a result depends on its seed.
+directories, or folders holding either) as one table, then the test accuracy's mean ± std over
+the runs that differ only by their seed: how much a result depends on its seed.
+
+Runs are compared like with like: they are grouped by every config value that differs between
+them (strategy, space, data, warm start, sizes, learning rates, ...), read from each run's
+``config.yaml``, not only by strategy and space. Accuracies are fractions (0..1), as the apps
+print them and ``report.json`` holds them.
 
 A run is a directory holding ``report.json`` and ``config.yaml`` (what ``oneshot-search`` and
 ``oneshot-retrain`` write); a search's ``retrain/`` subfolder belongs to its search.
@@ -13,11 +18,18 @@ import json
 import os
 import statistics
 import sys
-from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+# Config values that say where or how a run reports, not what it computes: never a reason to
+# put two runs in different groups. (The seed is what a group's spread is taken over.)
+NOT_A_SETTING = (
+    "seed", "name", "run_dir", "ckpt_path", "objective", "logger", "callbacks", "hparams_search",
+    "space.presets", "data.root", "data.download", "data.num_workers", "trainer.enable_progress_bar",
+    "trainer.enable_model_summary", "trainer.log_every_n_steps", "warmstart.progress", "strategy.progress",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -28,6 +40,9 @@ class Run:
     space: str
     genotype: str
     test_acc: float | None
+    config: dict = field(default_factory=dict, compare=False)  # flattened: "data.name" -> "digits"
+    data: str = "?"
+    sizes: str = "?"
 
 
 def find_runs(dirs) -> list[Run]:
@@ -71,6 +86,28 @@ def _field(path: Path, data: dict, key: str, kinds, default=None):
     return value
 
 
+def flatten(node, prefix: str = "") -> dict[str, str]:
+    """``{"data": {"name": "digits"}}`` -> ``{"data.name": "digits"}``; leaves as YAML text."""
+    if isinstance(node, dict) and node:
+        out = {}
+        for k, v in node.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: yaml.safe_dump(node, default_flow_style=True).strip().removesuffix("...").strip()}
+
+
+def _sizes(config: dict, report: dict) -> str:
+    """The searched supernet's and the retrained network's sizes, e.g. ``C=4 N=1 -> C=16 N=1``."""
+    def kv(d):
+        return " ".join(f"{k}={v}" for k, v in (d or {}).items() if not str(k).startswith("_") and v is not None)
+
+    space = config.get("space") if isinstance(config.get("space"), dict) else {}
+    supernet = kv(space.get("supernet")) if space.get("supernet") else ""
+    retrain = report.get("retrain") if isinstance(report.get("retrain"), dict) else {}
+    network = kv(retrain.get("network")) if isinstance(retrain.get("network"), dict) else ""
+    return " -> ".join(p for p in (supernet, network) if p) or "-"
+
+
 def read_run(path: Path) -> Run:
     report = read_mapping(path / "report.json", json.loads)
     config = read_mapping(path / "config.yaml", yaml.safe_load)
@@ -85,25 +122,55 @@ def read_run(path: Path) -> Run:
         raise ValueError(f"{path / 'report.json'} has no genotype: not a report oneshot wrote")
     seed = _field(path / "config.yaml", config, "seed", int)
     space = _field(path / "report.json", report, "space", str, "?")
-    return Run(path, seed, strategy, space, genotype, test_acc)
+    data = config.get("data") if isinstance(config.get("data"), dict) else {}
+    return Run(path, seed, strategy, space, genotype, test_acc, flatten(config), str(data.get("name", "?")),
+               _sizes(config, report))  # fmt: skip
 
 
-def summarise(runs: list[Run]) -> list[tuple[str, str, int, float | None, float | None]]:
-    """``(strategy, space, runs with an accuracy, mean, std)`` per group; std over seeds (n-1)."""
-    groups = defaultdict(list)
+def setting_keys(runs: list[Run]) -> list[str]:
+    """Config keys whose value differs between runs that have them, in config order: what sets
+    runs apart besides the seed. A key only some runs have (another strategy's option) follows
+    from a key that differs; values equal to the run's own seed (``warmstart.seed: ${seed}``)
+    are the seed."""
+    keys = {}
     for r in runs:
-        groups[r.strategy, r.space].append(r.test_acc)
+        for k in r.config:
+            keys.setdefault(k, None)
+    differing = []
+    for k in keys:
+        if any(k == n or k.startswith(n + ".") for n in NOT_A_SETTING) or k.rsplit(".", 1)[-1] == "_partial_":
+            continue
+        have = [r for r in runs if k in r.config]
+        if all(r.config[k] == str(r.seed) for r in have):
+            continue
+        if len({r.config[k] for r in have}) > 1:
+            differing.append(k)
+    return differing
+
+
+def _setting(run: Run, keys: list[str]) -> tuple[str, ...]:
+    return (run.strategy, run.space, *(run.config.get(k, "-") for k in keys))
+
+
+def summarise(runs: list[Run]) -> list[tuple[tuple[str, ...], int, float | None, float | None]]:
+    """``(setting, runs with an accuracy, mean, std)`` per group of runs that differ only by
+    their seed; a setting is (strategy, space, *values of ``setting_keys``). std over seeds
+    (n-1), None for a group of one."""
+    keys = setting_keys(runs)
+    groups: dict[tuple[str, ...], list[float | None]] = {}
+    for r in runs:
+        groups.setdefault(_setting(r, keys), []).append(r.test_acc)
     rows = []
-    for (strategy, space), accs in sorted(groups.items()):
+    for setting, accs in sorted(groups.items()):
         accs = [a for a in accs if a is not None]
         mean = statistics.fmean(accs) if accs else None
-        std = statistics.stdev(accs) if len(accs) > 1 else (0.0 if accs else None)
-        rows.append((strategy, space, len(accs), mean, std))
+        std = statistics.stdev(accs) if len(accs) > 1 else None
+        rows.append((setting, len(accs), mean, std))
     return rows
 
 
-def _pct(x) -> str:
-    return "-" if x is None else f"{100 * x:.2f}"
+def _acc(x) -> str:
+    return "-" if x is None else f"{x:.4f}"
 
 
 def render(runs: list[Run], console) -> None:
@@ -114,24 +181,21 @@ def render(runs: list[Run], console) -> None:
     base = Path(os.path.commonpath(paths))
     base = base.parent if len(paths) == 1 else base
     table = Table(title=f"runs under {base}")
-    for col in ("run", "seed", "strategy", "space", "genotype", "test acc %"):
+    for col in ("run", "seed", "strategy", "space", "data", "sizes", "genotype", "test acc"):
         table.add_column(col, no_wrap=col == "genotype")
     for r, path in zip(runs, paths):
         table.add_row(
-            str(path.relative_to(base)),
-            str(r.seed),
-            r.strategy,
-            r.space,
-            r.genotype,
-            _pct(r.test_acc),
-        )
+            str(path.relative_to(base)), str(r.seed), r.strategy, r.space, r.data, r.sizes, r.genotype,
+            _acc(r.test_acc),
+        )  # fmt: skip
     console.print(table)
-    summary = Table(title="test accuracy across seeds")
-    for col in ("strategy", "space", "n", "mean ± std %"):
+    keys = setting_keys(runs)
+    summary = Table(title="test accuracy (0..1) over seeds, per setting")
+    for col in ("strategy", "space", *keys, "n", "mean ± std"):
         summary.add_column(col)
-    for strategy, space, n, mean, std in summarise(runs):
-        cell = "-" if mean is None else f"{100 * mean:.2f} ± {100 * std:.2f}"
-        summary.add_row(strategy, space, str(n), cell)
+    for setting, n, mean, std in summarise(runs):
+        cell = _acc(mean) if std is None else f"{mean:.4f} ± {std:.4f}"  # a group of one has no spread
+        summary.add_row(*setting, str(n), cell)
     console.print(summary)
 
 

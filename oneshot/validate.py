@@ -160,8 +160,23 @@ def _select(cfg: DictConfig, key: str):
     return True, value
 
 
+# Rules that depend on the space (``space.name``): DARTS' reduction cells sit at layers//3 and
+# 2*layers//3, so fewer than 3 layers leave no normal cell to search; a DARTS warm start to one op
+# per edge would drop TE-NAS' choice of two inputs per node (strategy=tenas is that search).
+SPACE_RULES: dict[str, dict[str, Rule]] = {
+    "darts": {
+        "space.supernet.layers": Rule("an integer, layers >= 3 (the reduction cells at layers//3 and 2*layers//3 "
+                                      "leave no normal cell to search below 3)", lambda v: _is_int(v) and v >= 3),
+        "warmstart.keep": Rule("2..7 (ops per edge to keep; for one op per edge and two inputs per node "
+                               "run TE-NAS itself: strategy=tenas space=darts)", lambda v: _is_int(v) and 2 <= v <= 7),
+    },
+    "nb201": {"warmstart.keep": Rule("1..4 (ops per edge to keep)", lambda v: _is_int(v) and 1 <= v <= 4)},
+}
+
+
 def check_values(cfg: DictConfig) -> None:
-    for key, rule in RULES.items():
+    space = OmegaConf.select(cfg, "space.name", default=None)
+    for key, rule in [*RULES.items(), *SPACE_RULES.get(space, {}).items()]:
         found, value = _select(cfg, key)
         if found and not rule.ok(value):
             raise ConfigError(f"{key}={value} is out of range; valid: {rule.valid}")

@@ -112,3 +112,66 @@ def test_well_typed_overrides_pass_the_type_check(tmp_path):
                cwd=tmp_path)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "run" / "genotype.txt").exists()
+
+
+# ---- the command line as Lightning and Hydra users write it (issue 14) ----
+
+
+def test_trainer_args_are_lightnings():
+    """The apps check trainer.<arg> against a list kept without importing Lightning: it must be
+    the installed Trainer's parameters and defaults, so an upgrade that adds one fails here."""
+    import inspect
+
+    import pytorch_lightning as pl
+
+    from oneshot.cli import TRAINER_ARGS
+
+    params = inspect.signature(pl.Trainer.__init__).parameters
+    assert TRAINER_ARGS == {n: p.default for n, p in params.items() if n != "self"}
+
+
+def test_overrides_are_rewritten_into_hydras_grammar():
+    from oneshot.cli import rewrite_overrides
+    from oneshot.validate import ConfigError
+
+    args = ["experiment=null", "warmstart=null", "seed=null", "trainer.max_steps=200", "trainer.max_epochs=3",
+            "retrain.trainer.precision=bf16-mixed", "retrain.trainer.max_epochs=2", "+trainer.benchmark=true",
+            "-m", "--cfg", "job", "hydra.run.dir=x"]  # fmt: skip
+    expected = ["~experiment", "~warmstart", "seed=null", "++trainer.max_steps=200", "trainer.max_epochs=3",
+                "++retrain.trainer.precision=bf16-mixed", "retrain.trainer.max_epochs=2", "+trainer.benchmark=true",
+                "-m", "--cfg", "job", "hydra.run.dir=x"]  # fmt: skip
+    assert rewrite_overrides(args) == expected
+    assert rewrite_overrides(expected) == expected  # DDP ranks rerun the rewritten command
+    for bad in ("trainer.max_step=2", "++retrain.trainer.foo=1", "trainer.logger=false"):
+        with pytest.raises(ConfigError, match=bad.split("=")[0].lstrip("+")):
+            rewrite_overrides([bad])
+
+
+@pytest.mark.parametrize(
+    ("args", "names"),
+    [
+        (["trainer.foo=1"], ["trainer.foo=1", "not a Lightning Trainer argument", "max_steps", "accumulate_grad_batches"]),
+        (["+trainer.max_steps=abc"], ["trainer.max_steps=abc", "an integer"]),
+        (["trainer.deterministic=maybe"], ["trainer.deterministic=maybe", "true or false"]),
+        (["objective=test_acc"], ["objective=test_acc", "retrain/val_acc", "search/val_acc"]),
+        (["retrain.val_split=0"], ["objective=retrain/val_acc", "retrain.val_split"]),
+    ],
+)
+def test_bad_trainer_arguments_and_objectives_are_one_line(args, names, tmp_path):
+    proc = run("oneshot-search", *args, *FAST, cwd=tmp_path, timeout=120)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    for name in names:
+        assert name in errors[0]
+    assert not (tmp_path / "outputs").exists()  # refused before Hydra made a directory
+
+
+def test_group_null_and_trainer_arguments_compose(tmp_path):
+    proc = run("oneshot-search", "experiment=null", "trainer.max_steps=200", "retrain.trainer.benchmark=true",
+               "--cfg", "job", cwd=tmp_path, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    import yaml
+
+    cfg = yaml.safe_load(proc.stdout)
+    assert cfg["size"] == "paper" and cfg["trainer"]["max_epochs"] == 50  # no quickstart bundle
+    assert cfg["trainer"]["max_steps"] == 200 and cfg["retrain"]["trainer"]["benchmark"] is True

@@ -1,10 +1,17 @@
 """DARTS strategy: the finite-difference hypergradient against exact autograd, and which
 parameters each step may move."""
 
+import copy
+import logging
+import re
+
 import pytest
+import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from pytorch_lightning.plugins.precision import MixedPrecision
 from torch.func import functional_call
+from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_modules.darts import DartsSearch, unrolled_arch_gradient
 from oneshot.spaces import DartsSupernet, NB201Network
@@ -192,3 +199,80 @@ def test_arch_step_moves_only_alphas_and_weight_step_only_weights(order):
 def test_order_must_be_one_or_two():
     with pytest.raises(ValueError, match="order must be 1 or 2, got 3"):
         DartsSearch(NB201Network(C=3, N=1), order=3)
+
+
+def trainer(**kwargs) -> pl.Trainer:
+    return pl.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, **kwargs)  # fmt: skip
+
+
+def bilevel(batches):
+    """A loader of search batches ``{"train", "val"}``, in order, as the search datamodule yields."""
+    return DataLoader([{"train": b, "val": b} for b in batches], batch_size=None)
+
+
+FP16_AMP = [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))]  # GPU AMP's scaler, on CPU
+
+
+@pytest.mark.parametrize("precision", ["32-true", "16-mixed"])
+def test_weight_step_clips_through_lightning_like_clip_grad_norm(precision):
+    """``grad_clip`` through Lightning's ``clip_gradients`` moves the weights as the previous path
+    did (backward, ``clip_grad_norm_``, SGD step): equal in fp32. Under fp16 mixed precision with
+    a GradScaler the clip sees the unscaled gradients (it runs in ``on_before_optimizer_step``):
+    the same step as an fp16-autocast reference up to rounding. Clipping right after
+    ``manual_backward`` instead clips gradients still multiplied by the loss scale (65536): a step
+    13x too small here (measured)."""
+    torch.manual_seed(0)
+    net = NB201Network(C=3, N=1, num_classes=3, in_channels=1)
+    x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 3, (8,))
+    reference = copy.deepcopy(net).train()
+    weights = reference.weight_parameters()
+    start = flat(weights).detach().clone()
+    with torch.autocast("cpu", dtype=torch.float16, enabled=precision == "16-mixed"):  # the same forward
+        loss = F.cross_entropy(reference(x), y)
+    loss.backward()  # unscaled: the gradient a correct clip sees
+    assert torch.nn.utils.clip_grad_norm_(weights, 0.05) > 20 * 0.05  # the clip is active
+    torch.optim.SGD(weights, 0.025, 0.9, weight_decay=3e-4).step()  # DartsSearch's default optimiser
+    expected = flat(weights).detach() - start
+
+    module = DartsSearch(net, grad_clip=0.05, warmup_epochs=1)  # warm-up: the weight step alone
+    trainer(limit_val_batches=0, plugins=FP16_AMP if precision == "16-mixed" else None).fit(module, bilevel([(x, y)]))
+    got = flat(module.supernet.weight_parameters()).detach() - start
+    tolerance = 1e-6 if precision == "32-true" else 1e-2  # measured: 0 and 1.3e-3; the scaled clip: 1.0
+    assert (got - expected).norm() / expected.norm() < tolerance
+
+
+def test_accuracy_and_loss_are_epoch_values_over_an_uneven_last_batch(caplog):
+    """50 samples in batches of 16, 16, 16, 2: ``val/acc`` and ``val/loss`` as Lightning logs them
+    (``trainer.validate``) and the training numbers of the per-epoch line are the epoch's over
+    all samples, as computed directly; the mean of per-batch accuracies (the previous
+    ``accuracy()`` averaged per step) is not."""
+    torch.manual_seed(3)
+    net = NB201Network(C=3, N=1, num_classes=3, in_channels=1)
+    x, y = torch.randn(50, 1, 8, 8), torch.randint(0, 3, (50,))
+    batches = [(x[i : i + 16], y[i : i + 16]) for i in range(0, 50, 16)]
+    assert [len(b[1]) for b in batches] == [16, 16, 16, 2]
+    module = DartsSearch(net, w_optimizer=lambda params: torch.optim.SGD(params, lr=0.0), warmup_epochs=1)
+
+    (logged,) = trainer().validate(module, DataLoader(TensorDataset(x, y), batch_size=16), verbose=False)
+    with torch.no_grad():
+        logits = net.eval()(x)
+    hits = logits.argmax(-1) == y
+    assert logged["val/acc"] == pytest.approx(hits.float().mean().item(), abs=1e-6)
+    assert logged["val/loss"] == pytest.approx(F.cross_entropy(logits, y).item(), abs=1e-5)
+    per_batch = torch.stack([hits[i : i + 16].float().mean() for i in range(0, 50, 16)]).mean()
+    assert abs(per_batch.item() - logged["val/acc"]) > 0.01  # what the test tells apart
+
+    # Training with lr 0 and frozen alphas: every batch's logits are those of the net as it is
+    # (train-mode BN: the batch's own statistics), so the epoch's numbers can be computed here.
+    with torch.no_grad():
+        train_logits = [net.train()(xb) for xb, _ in batches]
+    hits = torch.cat([lg.argmax(-1) == yb for lg, (_, yb) in zip(train_logits, batches)])
+    loss = sum(F.cross_entropy(lg, yb, reduction="sum") for lg, (_, yb) in zip(train_logits, batches)) / 50
+    caplog.set_level(logging.INFO, logger="oneshot")
+    trainer(limit_val_batches=0).fit(module, bilevel(batches))
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch 0:")]
+    got = re.match(r"epoch 0: train loss (\S+) acc (\S+), genotype ", line)
+    assert got, line
+    assert float(got[1]) == pytest.approx(loss.item(), abs=1e-4)
+    assert float(got[2]) == pytest.approx(hits.float().mean().item(), abs=1e-4)

@@ -1,13 +1,17 @@
 """ENAS strategy: a weight step trains only the sampled path, a controller step only the
 controller, derivation is a deterministic pure read, and the real configs run end to end."""
 
+import copy
 import json
 
 import pytest
+import pytorch_lightning as pl
 import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
 
 import oneshot
-from lightning_modules.enas import EnasSearch
+from lightning_modules.enas import _WEIGHT_STREAM, EnasSearch
 from oneshot.genotypes import DartsGenotype, NB201Genotype, parse
 from oneshot.spaces import DartsSupernet, NB201Network
 from oneshot.spaces.nb201 import NB201Cell
@@ -181,3 +185,29 @@ def test_short_search_logs_the_controller(tmp_path):
     )
     assert int(ckpt["state_dict"]["reinforce.num_updates"]) == 6  # 3 batches x 2 epochs
     assert json.loads((tmp_path / "report.json").read_text())["strategy"] == "EnasSearch"
+
+
+@pytest.mark.parametrize("space", SPACES)
+def test_weight_step_clips_through_lightning_like_clip_grad_norm(space):
+    """One ENAS weight step in a real Trainer (fp32), clipped by Lightning's ``clip_gradients``,
+    moves the shared weights exactly as the previous path: backward along the sampled
+    architecture, ``clip_grad_norm_`` over all shared weights (those off the path have no
+    gradient), ENAS' Nesterov SGD step."""
+    torch.manual_seed(0)
+    module = EnasSearch(tiny(space), grad_clip=0.05, warmup_epochs=1, seed=3)  # warm-up: no controller step
+    x, y = batch(8)
+    sample = module.controller.sample(module.generator(_WEIGHT_STREAM, 0))  # what step 0 draws
+    reference = copy.deepcopy(module.supernet).train()
+    weights = reference.weight_parameters()
+    start = torch.cat([w.detach().reshape(-1) for w in weights])
+    F.cross_entropy(reference(x, sample.weights), y).backward()
+    assert torch.nn.utils.clip_grad_norm_(weights, 0.05) > 5 * 0.05  # the clip is active
+    torch.optim.SGD(weights, 0.05, momentum=0.9, nesterov=True, weight_decay=1e-4).step()
+
+    pl.Trainer(accelerator="cpu", max_epochs=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
+               enable_progress_bar=False, enable_model_summary=False).fit(
+        module, DataLoader([{"train": (x, y), "val": (x, y)}], batch_size=None))  # fmt: skip
+    got = torch.cat([w.detach().reshape(-1) for w in module.supernet.weight_parameters()])
+    expected = torch.cat([w.detach().reshape(-1) for w in weights])
+    assert (got - start).abs().max() > 0
+    assert torch.allclose(got, expected, rtol=0, atol=1e-7)

@@ -32,11 +32,11 @@ def test_nan_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(tmp_pat
     assert proc.returncode == 2, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in proc.stderr
-    assert "is nan at epoch 1, step 2" in errors[0] and "last good checkpoint is kept" in errors[0]
+    assert "is nan at epoch 1, step 1" in errors[0] and "last good checkpoint is kept" in errors[0]
     ckpts = run_dir / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["epoch=000.ckpt", "last.ckpt"]  # no temp files left
     last = torch.load(ckpts / "last.ckpt", weights_only=True)
-    assert last["epoch"] == 0 and last["global_step"] == 2
+    assert last["epoch"] == 0 and last["global_step"] == 1
     assert all(torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point())
     assert not (run_dir / "genotype.txt").exists() and not (run_dir / "report.json").exists()
 

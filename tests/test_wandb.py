@@ -20,6 +20,7 @@ from test_plots import TINY, pixels
 from wandb.proto import wandb_internal_pb2 as pb
 
 import oneshot
+from lightning_modules.base import NonFiniteLossError
 from lightning_modules.runs import _wandb_mode
 
 SEARCH = Path(sys.executable).parent / "oneshot-search"
@@ -138,16 +139,17 @@ def test_offline_run_holds_pictures_genotype_table_and_artifacts(tmp_path):
 
 @pytest.mark.slow
 def test_failed_run_is_finished_with_a_nonzero_exit_code(tmp_path):
-    # The search logs to W&B, then retraining fails (a batch size of 0): the error propagates
-    # and the W&B run is still finished, marked failed.
+    # The search logs to W&B, then retraining fails (lr 1e30: its second step's loss is not
+    # finite; bad values that config validation catches would stop the run before W&B starts):
+    # the error propagates and the W&B run is still finished, marked failed.
     overrides = [
         f"run_dir={tmp_path}",
         "logger=wandb",
         *TINY,
         "trainer.max_epochs=1",
-        "retrain.batch_size=0",
+        "retrain.optimizer.lr=1e30",
     ]
-    with pytest.raises(ValueError, match="batch_size"):
+    with pytest.raises(NonFiniteLossError, match="retraining loss"):
         oneshot.search(oneshot.compose("search", overrides))
     _, rec = offline_run(tmp_path)
     assert [r.exit.exit_code for r in rec["exit"]] == [1]
