@@ -114,12 +114,13 @@ class SearchModule(RebuildFromConfig, pl.LightningModule):
         self.supernet = supernet
         self.automatic_optimization = False
         self.genotypes: list[str] = []  # derived genotype after every epoch (all ranks agree)
-        # Metric states are not saved in checkpoints (torchmetrics' default): they restart with
-        # every epoch, and checkpoints are taken at epoch ends.
+        # torchmetrics objects, so epoch values count every sample on every rank. Their states are
+        # not in checkpoints (torchmetrics' default): they hold one epoch, and a resumed run
+        # starts an epoch afresh.
         self.num_classes = num_classes_of(supernet)
         self.train_acc, self.val_acc = accuracy_metric(self.num_classes), accuracy_metric(self.num_classes)
         self.train_loss, self.val_loss = MeanMetric(), MeanMetric()
-        self._validated_epoch = -1
+        self._validated_epoch = -1  # the summary line shows val numbers only of this epoch's validation
 
     #: Clip the weight step's gradient to this norm (0: off); see ``on_before_optimizer_step``.
     grad_clip: float = 0.0
@@ -182,9 +183,6 @@ class SearchModule(RebuildFromConfig, pl.LightningModule):
         if not self.trainer.sanity_checking:
             self._validated_epoch = self.current_epoch
 
-    def epoch_metrics(self) -> str:
-        return epoch_summary(self)
-
     def log_architecture(self) -> None:
         """``alpha/<cell>/<edge>/<op>`` softmax weights, ``arch/entropy``, and the genotype."""
         entropies = []
@@ -199,7 +197,7 @@ class SearchModule(RebuildFromConfig, pl.LightningModule):
             self.log("arch/entropy", float(torch.stack(entropies).mean()))
         genotype = str(self.derive_genotype())
         self.genotypes.append(genotype)
-        summary = self.epoch_metrics()
+        summary = epoch_summary(self)
         info(f"epoch {self.current_epoch}: {summary + ', ' if summary else ''}genotype {genotype}")
 
     def derive_genotype(self):

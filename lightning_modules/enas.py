@@ -32,7 +32,7 @@ from torch import nn
 from torch.optim.lr_scheduler import CosineAnnealingLR
 from torchmetrics.functional.classification import multiclass_accuracy
 
-from lightning_modules.base import SearchModule, all_reduce_mean, info
+from lightning_modules.base import SearchModule, all_reduce_mean, epoch_summary, info
 from oneshot.controller import Controller, Reinforce
 from oneshot.spaces.darts import cell_edges
 
@@ -232,7 +232,7 @@ class EnasSearch(SearchModule):
                     self.log(f"policy/{t}/{row}/{op}", p)
         self.log("arch/entropy", float(greedy.entropy) / len(greedy.decisions))
         self.genotypes.append(str(greedy.genotype))
-        summary = self.epoch_metrics()
+        summary = epoch_summary(self)
         info(f"epoch {self.current_epoch}: {summary + ', ' if summary else ''}most likely genotype "
              f"{greedy.genotype}, last sampled {self._last_sampled}")  # fmt: skip
 

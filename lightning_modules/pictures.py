@@ -41,7 +41,9 @@ class ArchitecturePictures(Callback):
         # the architecture has taken its last step of the epoch already: this is its end state.
         if not trainer.is_global_zero or not hasattr(pl_module, "architecture_probs"):
             return
-        epoch, step = trainer.current_epoch, trainer.global_step
+        # The step this epoch's metrics are logged at: Lightning's logging step less one at an
+        # epoch's end (under manual optimisation ``global_step`` counts every optimizer's steps).
+        epoch, step = trainer.current_epoch, max(0, trainer.fit_loop.epoch_loop._batches_that_stepped - 1)
         kind = "policy" if hasattr(pl_module, "controller") else "alphas"
         genotype = str(pl_module.current_genotype())
         pictures = {}

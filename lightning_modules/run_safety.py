@@ -38,6 +38,7 @@ RESUMABLE_KEYS = (
     "retrain.trainer.max_epochs", "retrain.trainer.max_steps", "retrain.trainer.max_time",
     "retrain.enabled",  # a finished search, resumed to retrain its genotype
     "logger", "logger.*",
+    "callbacks", "callbacks.*",  # checkpoint policy, progress bar, pictures, a user's callbacks
     "trainer.enable_progress_bar", "retrain.trainer.enable_progress_bar",
     "trainer.enable_model_summary", "trainer.log_every_n_steps", "retrain.trainer.log_every_n_steps",
     "data.num_workers", "data.root", "data.download",
@@ -162,7 +163,7 @@ def check_resume(run_dir: Path, cfg: DictConfig) -> dict[str, tuple]:
         raise ValueError(
             f"ckpt_path={cfg.ckpt_path}: a resume continues the run in {run_dir} as its config.yaml has it, but this "
             f"command changes {'; '.join(shown[:6])}{more}. A resume may change only max_epochs/max_steps, logger "
-            "and progress settings, data.num_workers (see README: Resuming); start a new run in a new directory instead"
+            "and callback settings, data.num_workers (see README: Resuming); start a new run in a new directory instead"
         )
     return changes
 
@@ -239,6 +240,23 @@ class RunCheckpoint(ModelCheckpoint):
 
     def __init__(self, **kwargs):
         super().__init__(enable_version_counter=False, **kwargs)
+
+    # Lightning 2.6 rewrites last.ckpt only when a top-k checkpoint was saved at the same step, so
+    # with `monitor` set an epoch that is not among the best would leave last.ckpt behind and a
+    # resume would redo it. ``last.ckpt`` is what resume reads: written after every epoch here.
+    def _save_last_anyway(self, trainer) -> None:
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._save_last_anyway(trainer)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._save_last_anyway(trainer)
 
     @property
     def state_key(self) -> str:

@@ -262,6 +262,11 @@ def _build(entry, where: str, **fill):
         raise ValueError(f"{where}: {entry._target_} cannot be made ({str(e).splitlines()[-1][:200]})") from None
 
 
+def _with(entry, values: dict) -> DictConfig:
+    """The entry with ``values`` set (new keys too: the composed config is struct)."""
+    return OmegaConf.create({**OmegaConf.to_container(entry, resolve=True), **values})
+
+
 def _is(entry, where: str, base: type) -> bool:
     obj = _target(entry, where)
     return isinstance(obj, type) and issubclass(obj, base)
@@ -291,7 +296,7 @@ def make_callbacks(cfg: DictConfig, stage_dir: Path, validates: bool = True) -> 
             continue
         if _is(entry, where, ModelCheckpoint) and not validates and entry.get("monitor"):
             extra = {"monitor": None, "save_top_k": -1 if entry.get("save_top_k") == -1 else 0}
-        callback = _build(OmegaConf.merge(entry, extra), where, dirpath=str(stage_dir / "checkpoints"), run_dir=str(stage_dir))
+        callback = _build(_with(entry, extra), where, dirpath=str(stage_dir / "checkpoints"), run_dir=str(stage_dir))
         if callback is not None:  # a factory may decline (progress_bar when piped)
             out.append(callback)
     return out
@@ -355,7 +360,7 @@ def make_loggers(cfg: DictConfig, run_dir: Path, stage: str | None = None, searc
         where, fill = f"logger.{name}", {"save_dir": str(run_dir)}
         if _is(entry, where, WandbLogger):
             settings, why = _wandb_settings(cfg, entry, run_dir, stage, search_run)
-            entry = OmegaConf.merge(entry, settings)
+            entry = _with(entry, settings)
             if settings["mode"] == "offline" and rank_zero_only.rank == 0:
                 log.info("W&B is offline (%s); upload later with: wandb sync %s/wandb/offline-run-*", why, run_dir)
         loggers.append(_build(entry, where, **fill))

@@ -37,6 +37,7 @@ def test_a_piped_run_shows_our_lines_and_no_library_noise(tmp_path):
     assert not proc.stderr.strip(), proc.stderr[-3000:]  # no warnings, no tracebacks
     noise = [line for line in proc.stdout.splitlines() if NOISE.search(line)]
     assert not noise, noise
+    assert max(len(line) for line in proc.stdout.splitlines()) < 400  # no progress bar redrawn in one line
 
     # One line per search epoch with its numbers, the validation accuracy the one metrics.csv holds.
     with open(run_dir / "metrics.csv", newline="") as f:

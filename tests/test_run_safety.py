@@ -24,6 +24,7 @@ BIN = Path(sys.executable).parent
 TINY = {
     "data": "digits", "data.batch_size": "16", "space": "nb201", "space.supernet.C": "4", "space.supernet.N": "1",
     "space.network.C": "4", "logger.pictures": "false", "trainer.max_epochs": "1", "+trainer.limit_train_batches": "1",
+    "callbacks.model_checkpoint.save_top_k": "-1",  # every epoch's checkpoint: the tests resume from them
     "+trainer.limit_val_batches": "0", "retrain.trainer.max_epochs": "1", "+retrain.trainer.limit_train_batches": "1",
     "+retrain.trainer.limit_val_batches": "0", "+retrain.trainer.limit_test_batches": "1",
 }  # fmt: skip

@@ -5,6 +5,7 @@ the submitit launcher runs each job in its own process and run directory, which
 
 import csv
 import json
+import os
 import pickle
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import yaml
 from oneshot.cli import objective_value
 
 BIN = Path(sys.executable).parent
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny nets: a second thread only waits on a busy CPU
 TINY = [
     "data=digits", "data.batch_size=16", "space.supernet.C=4", "space.supernet.N=1", "logger.pictures=false",
     "trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
@@ -45,7 +47,7 @@ def test_optuna_sweep_optimises_the_returned_objective(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     args = ["hparams_search=optuna", "hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.n_startup_trials=1",
             *TINY, *RETRAIN]  # fmt: skip
-    proc = subprocess.run([str(BIN / "oneshot-search"), *args], cwd=tmp_path, capture_output=True, text=True,
+    proc = subprocess.run([str(BIN / "oneshot-search"), *args], cwd=tmp_path, env=ENV, capture_output=True, text=True,
                           timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     (sweep,) = (tmp_path / "multirun" / "search").iterdir()
@@ -62,7 +64,7 @@ def test_optuna_sweep_optimises_the_returned_objective(tmp_path):
 def test_submitit_jobs_run_in_their_own_processes_and_report_summarises_them(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     args = ["-m", "hydra/launcher=submitit_local", "seed=0,1", "retrain.enabled=false", *TINY]
-    proc = subprocess.run([str(BIN / "oneshot-search"), *args], cwd=tmp_path, capture_output=True, text=True,
+    proc = subprocess.run([str(BIN / "oneshot-search"), *args], cwd=tmp_path, env=ENV, capture_output=True, text=True,
                           timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     (sweep,) = (tmp_path / "multirun" / "search").iterdir()

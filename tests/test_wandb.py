@@ -6,6 +6,7 @@ each a 7-byte header - CRC, length, type full/first/middle/last - and a protobuf
 """
 
 import base64
+import csv
 import hashlib
 import json
 import logging
@@ -16,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from test_plots import TINY, pixels
 from wandb.proto import wandb_internal_pb2 as pb
 
@@ -50,7 +52,7 @@ def records(path: Path) -> list:
     return out
 
 
-def offline_run(run_dir: Path) -> tuple[Path, dict]:
+def offline_run(run_dir: Path, teardown: bool = True) -> tuple[Path, dict]:
     """The run's records, read once the file is complete. ``wandb.finish()`` only asks the
     wandb-core process to close the run's stream; its writer keeps the last 32 KiB block in memory
     until that stream closes, which a busy machine delays past finish() (the artifact records,
@@ -59,12 +61,23 @@ def offline_run(run_dir: Path) -> tuple[Path, dict]:
     in a subprocess are whole once it exits: its atexit teardown does the same.)"""
     import wandb
 
-    wandb.teardown()
+    if teardown:
+        wandb.teardown()
     (run,) = (run_dir / "wandb").glob("offline-run-*")
     by_kind: dict = {}
     for r in records(next(run.glob("run-*.wandb"))):
         by_kind.setdefault(r.WhichOneof("record_type"), []).append(r)
     return run, by_kind
+
+
+def history(rec: dict) -> dict:
+    """Every logged key's values in order (W&B's summary shows each key's last one)."""
+    out: dict = {}
+    for r in rec.get("history", []):
+        for item in r.history.item:
+            key = "/".join(item.nested_key) if item.nested_key else item.key
+            out.setdefault(key, []).append(json.loads(item.value_json))
+    return out
 
 
 def md5_b64(path: Path) -> str:
@@ -77,6 +90,7 @@ def test_offline_run_holds_pictures_genotype_table_and_artifacts(tmp_path):
         oneshot.compose("search", [f"run_dir={tmp_path}", "logger=wandb", *TINY])
     )
     run, rec = offline_run(tmp_path)
+    retrain_run, retrain_rec = offline_run(tmp_path / "retrain", teardown=False)
     files = run / "files" / "media"
 
     # Images: each epoch's heatmap and cell picture, decoded, equal to the run directory's PNGs.
@@ -94,8 +108,8 @@ def test_offline_run_holds_pictures_genotype_table_and_artifacts(tmp_path):
                     tmp_path / "plots" / "epochs" / f"epoch_{epoch:03d}_{what}_cell.png"
                 ).read_bytes()
             )
-    for name in ("curves", "retrain_curves", "alpha_evolution_cell"):
-        (png,) = (files / "images" / "plots").glob(f"{name}_*.png")
+    for media, name in ((files, "curves"), (retrain_run / "files" / "media", "retrain_curves"), (files, "alpha_evolution_cell")):
+        (png,) = (media / "images" / "plots").glob(f"{name}_*.png")
         pixels(png)
 
     # The genotype table: the last one logged lists every epoch's genotype, as report.json does.
@@ -110,10 +124,11 @@ def test_offline_run_holds_pictures_genotype_table_and_artifacts(tmp_path):
     assert on_disk["genotypes_per_epoch"] == report["genotypes_per_epoch"]
 
     # Artifacts: the manifests name the run's files with their MD5 digests; staged copies match.
-    arts = {
+    arts = {  # the genotype is the search run's artifact, the network the retraining run's
         a.artifact.type: a.artifact
-        for a in rec["artifact"]
-        if a.artifact.type in ("genotype", "model")
+        for r, kind in ((rec, "genotype"), (retrain_rec, "model"))
+        for a in r["artifact"]
+        if a.artifact.type == kind
     }
     entries = {t: {e.path: e for e in a.manifest.contents} for t, a in arts.items()}
     assert set(entries["genotype"]) == {"genotype.txt", "genotype.json"}
@@ -130,11 +145,33 @@ def test_offline_run_holds_pictures_genotype_table_and_artifacts(tmp_path):
         == (tmp_path / "genotype.txt").read_text().strip()
     )
 
-    # The resolved config is the run's config; the run ended cleanly.
-    config = {u.key: json.loads(u.value_json) for r in rec["run"] for u in r.run.config.update}
-    assert config["run_dir"] == str(tmp_path) and config["trainer"]["max_epochs"] == 2
-    assert config["strategy"]["_target_"].endswith("DartsSearch")
-    assert [r.exit.exit_code for r in rec["exit"]] == [0]
+    # Both runs' config is the resolved Hydra config, exactly (no datamodule values merged in).
+    resolved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    for r in (rec, retrain_rec):
+        updates = [u for x in r["run"] for u in x.run.config.update] + [u for x in r.get("config", []) for u in x.config.update]
+        config = {u.key: json.loads(u.value_json) for u in updates if u.key != "_wandb"}
+        assert config == resolved
+    assert resolved["run_dir"] == str(tmp_path) and resolved["strategy"]["_target_"].endswith("DartsSearch")
+
+    # Two runs in one group: the search and its retraining, named after it, each ended cleanly.
+    search, retrain = rec["run"][0].run, retrain_rec["run"][0].run
+    assert (search.job_type, retrain.job_type) == ("search", "retrain")
+    assert search.run_group == retrain.run_group == f"search-{tmp_path.name}"
+    assert retrain.display_name == f"{search.display_name or search.run_id}-retrain"
+    assert [r.exit.exit_code for r in rec["exit"]] == [0] == [r.exit.exit_code for r in retrain_rec["exit"]]
+
+    # Summaries mean what they say: each run's last val/acc is its own stage's (metrics.csv).
+    def last_val_acc(path):
+        with open(path, newline="") as f:
+            return [float(r["val/acc"]) for r in csv.DictReader(f) if r.get("val/acc")][-1]
+
+    h, hr = history(rec), history(retrain_rec)
+    assert h["val/acc"][-1] == pytest.approx(last_val_acc(tmp_path / "metrics.csv"))
+    assert hr["val/acc"][-1] == pytest.approx(last_val_acc(tmp_path / "retrain" / "metrics.csv"))
+    assert hr["test/acc"][-1] == pytest.approx(report["retrain"]["test_acc"], abs=1e-4)
+    assert "test/acc" not in h and not any(k.startswith("alpha/") for k in hr)
+    for steps in (h["trainer/global_step"], hr["trainer/global_step"]):
+        assert steps == sorted(steps)  # one step axis per run, never restarting
 
 
 @pytest.mark.slow
@@ -152,7 +189,9 @@ def test_failed_run_is_finished_with_a_nonzero_exit_code(tmp_path):
     with pytest.raises(NonFiniteLossError, match="retraining loss"):
         oneshot.search(oneshot.compose("search", overrides))
     _, rec = offline_run(tmp_path)
-    assert [r.exit.exit_code for r in rec["exit"]] == [1]
+    _, retrain_rec = offline_run(tmp_path / "retrain", teardown=False)
+    assert [r.exit.exit_code for r in rec["exit"]] == [0]  # the search itself succeeded
+    assert [r.exit.exit_code for r in retrain_rec["exit"]] == [1]
     assert (tmp_path / "genotype.txt").exists()  # what the search produced is kept
 
 
