@@ -16,10 +16,11 @@ import os
 import re
 from pathlib import Path
 
-import torch
 import yaml
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
+
+from oneshot.validate import load_checkpoint
 
 try:
     import fcntl
@@ -183,29 +184,8 @@ STAGES = {"search": "supernet.", "retrain": "network."}
 
 
 def read_checkpoint(path, what: str = "ckpt_path") -> dict:
-    """A checkpoint loaded with ``weights_only=True`` (memory-mapped: only what is touched is
-    read), or one line saying why it cannot be."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise ValueError(
-            f"{what}={path}: no such checkpoint file (give a .ckpt file, or ckpt_path=last)"
-        )
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # truncated, empty, not a torch file, or a pickle that would run code
-        why = (
-            "it holds objects other than tensors and plain containers"
-            if "weights_only" in str(e)
-            else "it is truncated, empty or not a torch checkpoint"
-        )
-        raise ValueError(
-            f"{what}={path}: the file cannot be loaded safely as a checkpoint ({why})"
-        ) from None
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
-        raise ValueError(
-            f"{what}={path} is not a Lightning checkpoint (no state_dict); give a .ckpt written by oneshot"
-        )
-    return ckpt
+    """A checkpoint read safely (``weights_only=True``), or one line saying why it cannot be."""
+    return load_checkpoint(path, what)
 
 
 def checkpoint_stage(ckpt: dict) -> str | None:

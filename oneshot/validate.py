@@ -225,36 +225,35 @@ def check_run_dirs(cfg: DictConfig, hydra_run_dir: str | None = None) -> None:
             raise ConfigError(f"{key}={value}: no permission to write in {existing}")
 
 
-def check_checkpoint(path, key: str = "ckpt_path") -> None:
-    """A checkpoint file that Lightning can resume from: readable, complete, a Lightning
-    checkpoint. Opened with ``weights_only=True`` (never runs code) and ``mmap`` (reads no tensor
-    data), so checking a large checkpoint costs milliseconds."""
-    import pickle
+def load_checkpoint(path, key: str = "ckpt_path") -> dict:
+    """A checkpoint that Lightning can resume from, loaded with ``weights_only=True`` (never runs
+    code) and ``mmap`` (reads no tensor data until touched, so checking a large file costs
+    milliseconds), or one line saying why it cannot be. The one checkpoint reader of oneshot."""
     import zipfile
 
     import torch
 
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.is_file():
-        raise ConfigError(f"{key}={path}: no such file")
+        raise ConfigError(f"{key}={path}: no such file (give a .ckpt a run wrote, or ckpt_path=last)")
     if path.stat().st_size == 0 or not zipfile.is_zipfile(path):
-        what = "empty" if path.stat().st_size == 0 else "not a torch checkpoint (truncated, corrupt or another kind of file)"
-        raise ConfigError(f"{key}={path} is {what}; give a checkpoint a run wrote (RUN_DIR/checkpoints/*.ckpt)")
+        what = "is empty" if path.stat().st_size == 0 else "is truncated, corrupt or not a torch file"
+        raise ConfigError(f"{key}={path} {what}: it cannot be loaded safely as a checkpoint; "
+                          "give one a run wrote (RUN_DIR/checkpoints/*.ckpt)")  # fmt: skip
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile, pickle.UnpicklingError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(
-            f"{key}={path} is not a readable checkpoint (truncated, corrupt or not a torch file: "
-            f"{reason[:160]})"
-        ) from None
+    except Exception as e:  # truncated inside, or a pickle that would run code
+        why = ("it holds objects other than tensors and plain containers" if "weights_only" in str(e)
+               else "it is truncated or corrupt")  # fmt: skip
+        raise ConfigError(f"{key}={path} cannot be loaded safely as a checkpoint ({why})") from None
     required = ("state_dict", "epoch", "global_step")
-    if not isinstance(ckpt, dict) or not all(k in ckpt for k in required):
+    if not isinstance(ckpt, dict) or not all(k in ckpt for k in required) or not isinstance(ckpt["state_dict"], dict):
         has = sorted(map(str, ckpt))[:6] if isinstance(ckpt, dict) else type(ckpt).__name__
         raise ConfigError(
-            f"{key}={path} is not a Lightning checkpoint of a oneshot run (needs {', '.join(required)}; "
-            f"has {has})"
+            f"{key}={path} is not a oneshot checkpoint: not a Lightning checkpoint of a search or retraining "
+            f"(needs {', '.join(required)}; has {has})"
         )
+    return ckpt
 
 
 def check_devices(cfg: DictConfig) -> None:
@@ -282,7 +281,7 @@ def check_config(cfg: DictConfig, hydra_run_dir: str | None = None, datasets=())
     check_run_dirs(cfg, hydra_run_dir)
     ckpt = cfg.get("ckpt_path")
     if ckpt and ckpt != "last":
-        check_checkpoint(Path(str(ckpt)).expanduser())
+        load_checkpoint(ckpt)
     check_devices(cfg)
 
 
