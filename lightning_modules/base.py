@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 
 import pytorch_lightning as pl
 import torch
@@ -217,8 +218,22 @@ class SearchModule(RebuildFromConfig, pl.LightningModule):
         (``derive_genotype`` may be expensive in a subclass, e.g. ENAS' scored samples)."""
         return self.supernet.genotype()
 
+    #: Seconds the search took before this process's fit: the warm start's prune (set by the
+    #: pipeline), or, on resume, everything the checkpoint's run had spent (warm start included).
+    search_seconds_before: float = 0.0
+
+    def on_fit_start(self):
+        self._fit_clock = time.perf_counter()
+
+    def search_seconds(self) -> float:
+        """Wall seconds of the whole search so far, across every process that resumed it."""
+        clock = getattr(self, "_fit_clock", None)
+        return self.search_seconds_before + (time.perf_counter() - clock if clock is not None else 0.0)
+
     def on_save_checkpoint(self, checkpoint):
         checkpoint["genotypes"] = list(self.genotypes)
+        checkpoint["search_seconds"] = self.search_seconds()
 
     def on_load_checkpoint(self, checkpoint):
         self.genotypes = list(checkpoint.get("genotypes", []))
+        self.search_seconds_before = float(checkpoint.get("search_seconds", 0.0))

@@ -85,6 +85,7 @@ def search(cfg: DictConfig) -> dict:
     datamodule = SearchDataModule(**_data_kwargs(cfg.data, seed=cfg.seed))
     info = datamodule.info
     candidates, warmstart_report = None, None
+    start = time.perf_counter()  # search time counts the warm start's prune too
     if cfg.get("warmstart") and cfg.warmstart.get("enabled"):
         from lightning_modules.warmstart import run_warmstart
 
@@ -94,8 +95,8 @@ def search(cfg: DictConfig) -> dict:
     strategy_cfg = OmegaConf.to_container(cfg.strategy, resolve=True)
     strategy_cfg.pop("_target_")
     record_hparams(module, **strategy_cfg, supernet=supernet_config(cfg, info, candidates))  # DartsSearch.load_from_checkpoint(...)
+    module.search_seconds_before = time.perf_counter() - start  # a resume replaces it by the checkpoint's
     loggers = make_loggers(cfg, run_dir, stage="search")
-    start = time.perf_counter()
     draw = pictures_enabled(cfg)
     search_from = _ckpt(cfg, run_dir, "search")
     resumed_at = progress(read_checkpoint(search_from)) if search_from else None  # before fit moves it on
@@ -106,7 +107,9 @@ def search(cfg: DictConfig) -> dict:
             module.search_without_training(datamodule, run_dir)
         else:
             trainer.fit(module, datamodule=datamodule, ckpt_path=search_from)
-        search_seconds = time.perf_counter() - start
+        # The whole search: warm start and training, summed over a killed run and its resumes.
+        training_free = getattr(module, "training_free", False)
+        search_seconds = time.perf_counter() - start if training_free else module.search_seconds()
         genotype = module.derive_genotype()
         ranks = check_ranks_agree(module, genotype)  # DDP: every rank derived the same
         report = {

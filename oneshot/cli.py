@@ -319,7 +319,12 @@ def _remove_refused_start(cfg: DictConfig) -> None:
 
 
 def _refuse(err: BaseException) -> None:
-    log.error("error: %s", err)
+    """The error once on stderr, and in the job's log file (``cli.log``) where there is one; not
+    also through Hydra's console handler, which would print it a second time."""
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, "error: %s", (err,), None)
+    for handler in {*logging.getLogger().handlers, *log.handlers}:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
     print(f"error: {err}", file=sys.stderr)
     sys.exit(2)
 

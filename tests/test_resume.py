@@ -3,6 +3,7 @@ restarted in its run directory with ``ckpt_path=last``, ends exactly where an un
 with the same seed ends; two runs with one seed give bit-identical architecture parameters."""
 
 import csv
+import json
 import signal
 import subprocess
 import sys
@@ -52,8 +53,10 @@ def run_killed_mid_epoch_then_resumed(app, run_dir, args):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (ckpts / "epoch=001.ckpt").exists(), "killed too late: the second epoch had ended"
-    assert torch.load(ckpts / "last.ckpt", weights_only=True)["epoch"] == 0
+    killed_at = torch.load(ckpts / "last.ckpt", weights_only=True)
+    assert killed_at["epoch"] == 0
     finish(start(app, run_dir, *args, "ckpt_path=last"))
+    return killed_at
 
 
 def state(path) -> dict:
@@ -64,7 +67,10 @@ def state(path) -> dict:
 def test_search_killed_mid_epoch_resumes_to_the_uninterrupted_result(tmp_path):
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     finish(start("oneshot-search", whole, *SEARCH))
-    run_killed_mid_epoch_then_resumed("oneshot-search", killed, SEARCH)
+    killed_at = run_killed_mid_epoch_then_resumed("oneshot-search", killed, SEARCH)
+    # The report's search time is the whole run's: what the killed process had spent, and more.
+    report = json.loads((killed / "report.json").read_text())
+    assert 0 < killed_at["search_seconds"] < report["search_seconds"]
 
     a, b = state(whole / "checkpoints" / "last.ckpt"), state(killed / "checkpoints" / "last.ckpt")
     diff = float((a["supernet.alphas.cell"] - b["supernet.alphas.cell"]).abs().max())
