@@ -112,9 +112,11 @@ RULES: dict[str, Rule] = {
     # retrain.*: null takes the value of the space's recipe (conf/retrain/<space>.yaml)
     "retrain.trainer.max_epochs": integer(1, null=_RECIPE),
     "retrain.batch_size": integer(1, null=_RECIPE),
-    "retrain.cutout": number(0, 1, null=_RECIPE),  # the square's side as a fraction of the image's
+    "retrain.cutout": Rule("0..1, the side of the Cutout square as a fraction of the image side (DARTS' 16 px on "
+                           "32 px images: 0.5); 0 = off", lambda v: v is None or (_is_number(v) and 0 <= v <= 1)),
     "retrain.val_split": number(0, null=_RECIPE),  # a fraction or a count; the data bounds the count
-    "retrain.grad_clip": number(0, null=_RECIPE),
+    "retrain.grad_clip": Rule(">= 0 (0 = off), or null (the space's retraining recipe)",
+                              lambda v: v is None or (_is_number(v) and v >= 0)),
     "retrain.drop_path_prob": number(0, 1, open_high=True, null=_RECIPE),
     "retrain.auxiliary_weight": number(0, null=_RECIPE),
     "retrain.lr_min": number(0, null=_RECIPE),
@@ -176,6 +178,9 @@ SPACE_RULES: dict[str, dict[str, Rule]] = {
 
 def check_values(cfg: DictConfig) -> None:
     space = OmegaConf.select(cfg, "space.name", default=None)
+    presets = OmegaConf.select(cfg, "space.presets", default=None)
+    if isinstance(presets, DictConfig) and cfg.get("size") not in presets:  # before ${space.presets.${size}} fails
+        raise ConfigError(f"size={cfg.get('size')} is not a preset of space {space}; valid: {', '.join(presets)}")
     for key, rule in [*RULES.items(), *SPACE_RULES.get(space, {}).items()]:
         found, value = _select(cfg, key)
         if found and not rule.ok(value):

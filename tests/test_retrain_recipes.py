@@ -125,7 +125,7 @@ def test_published_darts_experiment_is_the_paper_recipe_on_all_training_images()
         ("retrain.cutout=16", r"retrain\.cutout=16 is out of range; valid: 0\.\.1, the side of the Cutout square"),
         ("retrain.grad_clip=-1", r"retrain\.grad_clip=-1(\.0)? is out of range; valid: >= 0"),
         ("retrain.recipe=adam", r"retrain\.recipe=adam is not a recipe; valid: darts, nb201"),
-        ("size=huge", r"size=huge is not a preset of space nb201; valid: paper, cpu"),
+        ("size=huge", r"size=huge is out of range; valid: one of paper, cpu"),  # refused up front (no space yet)
     ],
 )
 def test_bad_retrain_values_stop_before_anything_runs(tmp_path, override, message):
