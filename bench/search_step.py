@@ -30,8 +30,8 @@ SIZES = {  # the configurations the README quotes (issue #3/#4): batch 64, 32x32
 
 def build(space: str, strategy: str, sizes: dict, partial: int = 1):
     import torch
+    from oneshot.lightning_modules.darts import DartsSearch
 
-    from lightning_modules.darts import DartsSearch
     from oneshot.spaces import DartsSupernet, NB201Network
 
     if partial > 1:  # PC-DARTS: 1/K of the channels through the mixed ops, edge normalisation
@@ -46,7 +46,7 @@ def build(space: str, strategy: str, sizes: dict, partial: int = 1):
             module.arch_step(train, val, *opts)
             module.weight_step(train, opts[0])
     else:
-        from lightning_modules.enas import EnasSearch
+        from oneshot.lightning_modules.enas import EnasSearch
 
         module = EnasSearch(supernet)
         w_opt = torch.optim.SGD(supernet.weight_parameters(), 0.05, momentum=0.9, weight_decay=1e-4)

@@ -53,8 +53,7 @@ def _our_supernet(space: str, C: int, cells: int, partial: int = 1):
 def ours(space: str, C: int, cells: int, batch: int, steps: int, warmup: int) -> dict:
     """Our side: ``DartsSearch`` (order 1, paper defaults) in a real Trainer."""
     import torch
-
-    from lightning_modules.darts import DartsSearch
+    from oneshot.lightning_modules.darts import DartsSearch
 
     torch.manual_seed(0)
     module = DartsSearch(_our_supernet(space, C, cells), order=1)

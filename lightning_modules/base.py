@@ -16,11 +16,10 @@ import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from oneshot.lightning_modules.checkpoint_hparams import RebuildFromConfig
 from pytorch_lightning.utilities import rank_zero_only
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
-
-from lightning_modules.checkpoint_hparams import RebuildFromConfig
 
 log = logging.getLogger("oneshot")
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from hydra.utils import instantiate
 
-TRUSTED_PREFIXES = ("torch.optim.", "oneshot.", "lightning_modules.")
+TRUSTED_PREFIXES = ("torch.optim.", "oneshot.")
 
 
 def record_hparams(module, **hparams) -> None:

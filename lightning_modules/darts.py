@@ -19,9 +19,8 @@ from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
+from oneshot.lightning_modules.base import SearchModule, all_reduce_mean
 from torch.optim.lr_scheduler import CosineAnnealingLR
-
-from lightning_modules.base import SearchModule, all_reduce_mean
 
 
 def _set_(params, values):

@@ -28,11 +28,11 @@ from itertools import islice
 import numpy as np
 import torch
 import torch.nn.functional as F
+from oneshot.lightning_modules.base import SearchModule, all_reduce_mean, epoch_summary, info
 from torch import nn
 from torch.optim.lr_scheduler import CosineAnnealingLR
 from torchmetrics.functional.classification import multiclass_accuracy
 
-from lightning_modules.base import SearchModule, all_reduce_mean, epoch_summary, info
 from oneshot.controller import Controller, Reinforce
 from oneshot.spaces.darts import cell_edges
 

@@ -24,20 +24,18 @@ import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.utilities import rank_zero_only
-
-from lightning_modules.base import check_ranks_agree
-from lightning_modules.checkpoint_hparams import record_hparams
-from lightning_modules.pictures import finish_pictures
-from lightning_modules.retrain import Retrain
-from lightning_modules.retrain_recipes import network_size, resolve_recipe
-from lightning_modules.run_safety import (
+from oneshot.lightning_modules.base import check_ranks_agree
+from oneshot.lightning_modules.checkpoint_hparams import record_hparams
+from oneshot.lightning_modules.pictures import finish_pictures
+from oneshot.lightning_modules.retrain import Retrain
+from oneshot.lightning_modules.retrain_recipes import network_size, resolve_recipe
+from oneshot.lightning_modules.run_safety import (
     checkpoint_stage,
     last_checkpoint,
     progress,
     read_checkpoint,
 )
-from lightning_modules.runs import (
+from oneshot.lightning_modules.runs import (
     atomic_write_json,
     atomic_write_text,
     make_callbacks,
@@ -47,6 +45,8 @@ from lightning_modules.runs import (
     resolve_run_dir,
     validates,
 )
+from pytorch_lightning.utilities import rank_zero_only
+
 from oneshot.data import RetrainDataModule, SearchDataModule
 from oneshot.genotypes import parse as parse_genotype
 from oneshot.genotypes import resolve as resolve_genotype
@@ -87,7 +87,7 @@ def search(cfg: DictConfig) -> dict:
     candidates, warmstart_report = None, None
     start = time.perf_counter()  # search time counts the warm start's prune too
     if cfg.get("warmstart") and cfg.warmstart.get("enabled"):
-        from lightning_modules.warmstart import run_warmstart
+        from oneshot.lightning_modules.warmstart import run_warmstart
 
         candidates, warmstart_report = run_warmstart(cfg, datamodule, run_dir)
     supernet = build_supernet(cfg, info, candidates)
@@ -227,7 +227,7 @@ def retrain_genotype(genotype, cfg, out_dir: Path, network_kwargs: dict, loggers
     if trainer.is_global_zero:
         export = {"genotype": str(genotype), "network_kwargs": {**network_kwargs, "num_classes": info.num_classes,
                   "in_channels": info.in_channels, "image_size": info.image_size}, "state_dict": network.state_dict()}  # fmt: skip
-        from lightning_modules.runs import atomic_save
+        from oneshot.lightning_modules.runs import atomic_save
 
         atomic_save(export, out_dir / "network.pt")
         atomic_write_json(out_dir / "report.json", result)

@@ -12,17 +12,16 @@ from collections.abc import Callable
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from torch.optim.lr_scheduler import CosineAnnealingLR
-from torchmetrics import MeanMetric
-
-from lightning_modules.base import (
+from oneshot.lightning_modules.base import (
     NonFiniteLossError,
     accuracy_metric,
     epoch_summary,
     info,
     num_classes_of,
 )
-from lightning_modules.checkpoint_hparams import RebuildFromConfig
+from oneshot.lightning_modules.checkpoint_hparams import RebuildFromConfig
+from torch.optim.lr_scheduler import CosineAnnealingLR
+from torchmetrics import MeanMetric
 
 
 class Retrain(RebuildFromConfig, pl.LightningModule):

@@ -25,17 +25,16 @@ import pytorch_lightning as pl
 import torch
 from lightning_fabric.loggers.logger import rank_zero_experiment
 from omegaconf import DictConfig, OmegaConf
+from oneshot.lightning_modules.run_safety import (
+    check_resume,
+    keep_config_history,
+    lock_run_dir,
+)
 from pytorch_lightning.callbacks import Callback, RichProgressBar
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 from pytorch_lightning.utilities import rank_zero_only
-
-from lightning_modules.run_safety import (
-    check_resume,
-    keep_config_history,
-    lock_run_dir,
-)
 
 log = logging.getLogger("oneshot")
 
@@ -231,7 +230,7 @@ def refuse_to_overwrite(run_dir: Path, ckpt_path) -> None:
 def progress_bar(**kwargs):
     """``callbacks.progress_bar``: Rich's bar on a terminal; ``None`` (no bar) when stderr is not
     one, since a piped bar is a 1,000-character line of carriage returns. The modules log one
-    plain line per epoch either way (``lightning_modules.base.info``)."""
+    plain line per epoch either way (``oneshot.lightning_modules.base.info``)."""
     return RichProgressBar(**kwargs) if sys.stderr.isatty() else None
 
 
@@ -282,9 +281,8 @@ def make_callbacks(cfg: DictConfig, stage_dir: Path, validates: bool = True) -> 
     ``stage_dir/checkpoints``). ``validates=False`` (no validation loop: ``limit_val_batches=0``,
     ``retrain.val_split=0``): there is no metric to rank checkpoints or stop early by, so only
     ``last.ckpt`` is kept (or every epoch with ``save_top_k=-1``) and early stopping is off."""
+    from oneshot.lightning_modules.pictures import ArchitecturePictures
     from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
-
-    from lightning_modules.pictures import ArchitecturePictures
 
     out = []
     for name, entry in _entries(cfg.get("callbacks")).items():

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lightning_modules.base import SearchModule
-from lightning_modules.warmstart import PruneOptions, run_prune
+from oneshot.lightning_modules.base import SearchModule
+from oneshot.lightning_modules.warmstart import PruneOptions, run_prune
 
 
 class TenasSearch(SearchModule):

@@ -38,9 +38,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
+from oneshot.lightning_modules.runs import atomic_write_json, atomic_write_text
 from pytorch_lightning.utilities import rank_zero_only
 
-from lightning_modules.runs import atomic_write_json, atomic_write_text
 from oneshot.data import BatchTransform
 from oneshot.prune import (
     PruneResult,
@@ -223,7 +223,7 @@ def run_prune(supernet, datamodule, keep: int, options: PruneOptions, run_dir: P
 def run_warmstart(cfg: DictConfig, datamodule, run_dir: Path) -> tuple[dict, dict]:
     """Prune the configured space to ``warmstart.keep`` ops per edge; return the survivors (the
     ``candidates=`` of the search supernet) and the report for ``report.json``."""
-    from lightning_modules.pipeline import build_supernet  # the pipeline imports us lazily
+    from oneshot.lightning_modules.pipeline import build_supernet  # the pipeline imports us lazily
 
     opts = OmegaConf.to_container(cfg.warmstart, resolve=True)
     opts.pop("enabled", None)

@@ -13,7 +13,7 @@ def search(cfg):
     from oneshot.validate import check_config
 
     check_config(cfg)  # before the heavy imports: a bad value is one line, nothing created
-    from lightning_modules.pipeline import search as _search
+    from oneshot.lightning_modules.pipeline import search as _search
     from oneshot.quiet import quiet_libraries
 
     quiet_libraries()
@@ -26,7 +26,7 @@ def retrain(cfg):
     from oneshot.validate import check_config
 
     check_config(cfg)  # before the heavy imports: a bad value is one line, nothing created
-    from lightning_modules.pipeline import retrain as _retrain
+    from oneshot.lightning_modules.pipeline import retrain as _retrain
     from oneshot.quiet import quiet_libraries
 
     quiet_libraries()
@@ -45,6 +45,6 @@ def compose(config_name: str = "search", overrides=()):
 
 def load_network(path):
     """An exported ``network.pt`` (retrain stage) rebuilt with its trained weights."""
-    from lightning_modules.pipeline import load_network as _load
+    from oneshot.lightning_modules.pipeline import load_network as _load
 
     return _load(path)

@@ -196,9 +196,9 @@ def _user_error(exc: BaseException) -> BaseException | None:
     from hydra.errors import InstantiationException
     from omegaconf.errors import MissingMandatoryValue
 
-    from lightning_modules.base import NonFiniteLossError
     from oneshot.data import DatasetUnavailableError
     from oneshot.genotypes import GenotypeError
+    from oneshot.lightning_modules.base import NonFiniteLossError
 
     seen = exc
     while isinstance(seen, InstantiationException) and seen.__cause__ is not None:

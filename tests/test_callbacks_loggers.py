@@ -9,17 +9,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from oneshot.lightning_modules.darts import DartsSearch
+from oneshot.lightning_modules.enas import EnasSearch
+from oneshot.lightning_modules.pictures import ArchitecturePictures
+from oneshot.lightning_modules.retrain import Retrain
+from oneshot.lightning_modules.run_safety import RunCheckpoint
+from oneshot.lightning_modules.runs import RNGState, RunCSVLogger, make_callbacks, make_loggers
+from oneshot.lightning_modules.tenas import TenasSearch
 from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, Timer
 from pytorch_lightning.loggers import CSVLogger
 
 import oneshot
-from lightning_modules.darts import DartsSearch
-from lightning_modules.enas import EnasSearch
-from lightning_modules.pictures import ArchitecturePictures
-from lightning_modules.retrain import Retrain
-from lightning_modules.run_safety import RunCheckpoint
-from lightning_modules.runs import RNGState, RunCSVLogger, make_callbacks, make_loggers
-from lightning_modules.tenas import TenasSearch
 
 BIN = Path(sys.executable).parent
 TINY = [
@@ -126,7 +126,8 @@ def test_enas_and_tenas_load_from_their_checkpoints(tmp_path):
     assert enas.current_genotype() is not None
 
     # TE-NAS trains nothing, so the app writes no checkpoint; one saved by hand rebuilds too.
-    from lightning_modules.checkpoint_hparams import record_hparams
+    from oneshot.lightning_modules.checkpoint_hparams import record_hparams
+
     from oneshot.spaces import NB201Network
 
     supernet = {"_target_": "oneshot.spaces.NB201Network", "C": 4, "N": 1, "num_classes": 10, "in_channels": 1, "image_size": 8}

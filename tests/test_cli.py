@@ -101,8 +101,10 @@ def test_configs_ship_in_the_wheel(tmp_path):
     assert proc.returncode == 0, proc.stderr
     names = zipfile.ZipFile(next(tmp_path.glob("oneshot-*.whl"))).namelist()
     for required in ("oneshot/conf/search.yaml", "oneshot/conf/retrain.yaml", "oneshot/conf/space/nb201.yaml",
-                     "oneshot/conf/strategy/darts.yaml", "lightning_modules/darts.py", "oneshot/spaces/darts.py"):  # fmt: skip
+                     "oneshot/conf/strategy/darts.yaml", "oneshot/lightning_modules/darts.py", "oneshot/spaces/darts.py"):  # fmt: skip
         assert required in names
+    # No generic top-level module that could clash in a user's environment (issue 14, item 9).
+    assert {name.split("/")[0] for name in names if not name.startswith("oneshot-")} == {"oneshot"}
 
 
 def test_well_typed_overrides_pass_the_type_check(tmp_path):

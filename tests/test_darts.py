@@ -9,11 +9,11 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from oneshot.lightning_modules.darts import DartsSearch, unrolled_arch_gradient
 from pytorch_lightning.plugins.precision import MixedPrecision
 from torch.func import functional_call
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_modules.darts import DartsSearch, unrolled_arch_gradient
 from oneshot.spaces import DartsSupernet, NB201Network
 
 

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from oneshot.lightning_modules import pipeline
 
 import oneshot
-from lightning_modules import pipeline
 
 BIN = Path(sys.executable).parent
 WORLD = 2

@@ -8,10 +8,10 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from oneshot.lightning_modules.enas import _WEIGHT_STREAM, EnasSearch
 from torch.utils.data import DataLoader
 
 import oneshot
-from lightning_modules.enas import _WEIGHT_STREAM, EnasSearch
 from oneshot.genotypes import DartsGenotype, NB201Genotype, parse
 from oneshot.spaces import DartsSupernet, NB201Network
 from oneshot.spaces.nb201 import NB201Cell

@@ -5,9 +5,9 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from oneshot.lightning_modules.darts import DartsSearch, frozen
 from torch import nn
 
-from lightning_modules.darts import DartsSearch, frozen
 from oneshot.ops import avg_pool_3x3
 from oneshot.spaces import DartsSupernet, NB201Network
 

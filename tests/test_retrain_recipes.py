@@ -9,14 +9,14 @@ import pytest
 import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
-
-import oneshot
-from lightning_modules.retrain_recipes import (
+from oneshot.lightning_modules.retrain_recipes import (
     network_size,
     packaged_config,
     recipe_names,
     resolve_recipe,
 )
+
+import oneshot
 
 BIN = Path(sys.executable).parent
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from oneshot.lightning_modules.run_safety import lock_run_dir
 
 import oneshot
-from lightning_modules.run_safety import lock_run_dir
 from oneshot import plots
 from oneshot.genotypes import GenotypeError, resolve
 
@@ -298,7 +298,7 @@ def test_an_explicit_checkpoint_resumes_its_own_stage_and_the_other_continues(ru
 # ---- 3. one process per run directory ------------------------------------------------------------------
 
 HOLDER = (
-    "import sys; from pathlib import Path; from lightning_modules.run_safety import lock_run_dir; "
+    "import sys; from pathlib import Path; from oneshot.lightning_modules.run_safety import lock_run_dir; "
     "lock_run_dir(Path(sys.argv[1])); print('locked', flush=True); sys.stdin.read()"
 )
 

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from oneshot.lightning_modules.base import NonFiniteLossError
+from oneshot.lightning_modules.runs import _wandb_mode
 from test_plots import TINY, pixels
 from wandb.proto import wandb_internal_pb2 as pb
 
 import oneshot
-from lightning_modules.base import NonFiniteLossError
-from lightning_modules.runs import _wandb_mode
 
 SEARCH = Path(sys.executable).parent / "oneshot-search"
 

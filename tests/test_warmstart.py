@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from oneshot.lightning_modules.pipeline import _data_kwargs, build_supernet
+from oneshot.lightning_modules.warmstart import run_warmstart, tenas_space_of, training_images
 
 import oneshot
-from lightning_modules.pipeline import _data_kwargs, build_supernet
-from lightning_modules.warmstart import run_warmstart, tenas_space_of, training_images
 from oneshot.data import SearchDataModule
 from oneshot.genotypes import parse
 from oneshot.mixed import MixedOp
