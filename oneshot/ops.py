@@ -118,7 +118,16 @@ class FactorizedReduce(nn.Module):
     def forward(self, x):
         x = self.relu(x)
         shifted = F.pad(x, (0, 1, 0, 1))[:, :, 1:, 1:]
-        return self.bn(torch.cat([self.conv_1(x), self.conv_2(shifted)], dim=1))
+        return self.bn(torch.cat([_every_second_pixel(self.conv_1, x), _every_second_pixel(self.conv_2, shifted)], dim=1))
+
+
+def _every_second_pixel(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``conv(x)`` for a 1x1 stride-2 conv, computed as the 1x1 conv of every second pixel: the
+    same sums (one product per input channel), without torch's strided 1x1 kernel. On CPU, torch
+    2.14's channels-last backward of a 1x1 stride-2 conv with fewer than 8 input channels corrupts
+    the heap (double free, segfault): PC-DARTS' reduction edges (C=16, K=4 gives 4 channels) and
+    TE-NAS' C=1 networks have exactly such convs."""
+    return F.conv2d(x[:, :, :: conv.stride[0], :: conv.stride[1]], conv.weight, conv.bias)
 
 
 def avg_pool_3x3(x: torch.Tensor, stride: int) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from oneshot.mixed import MixedOp
@@ -58,3 +59,32 @@ def test_darts_supernet_pools_are_followed_by_bn():
 
 def test_primitive_lists_are_registered():
     assert set(DARTS_PRIMITIVES) | set(NB201_PRIMITIVES) <= set(OPS)
+
+
+@pytest.mark.parametrize("C_in", [1, 2, 4, 6, 16])
+def test_factorized_reduce_channels_last_small_channels(C_in):
+    """FactorizedReduce on channels-last input with few channels (PC-DARTS' reduction edges,
+    TE-NAS' C=1 networks) equals torch's 1x1 stride-2 convs in the contiguous format, gradients
+    included; torch 2.14's own channels-last kernel corrupts the heap there (oneshot.ops)."""
+    torch.manual_seed(0)
+    op = FactorizedReduce(C_in, 2 * C_in, affine=True)
+    x = torch.randn(2, C_in, 9, 9)
+    g = torch.randn(2, 2 * C_in, 5, 5)
+
+    def reference(x):
+        x = torch.relu(x)
+        shifted = F.pad(x, (0, 1, 0, 1))[:, :, 1:, 1:]
+        out = torch.cat([F.conv2d(x, op.conv_1.weight, stride=2), F.conv2d(shifted, op.conv_2.weight, stride=2)], 1)
+        return F.batch_norm(out, None, None, op.bn.weight, op.bn.bias, training=True)
+
+    x_ref = x.clone().requires_grad_(True)
+    reference(x_ref).backward(g)
+    grads_ref = [p.grad.clone() for p in (op.conv_1.weight, op.conv_2.weight)]
+    op.zero_grad()
+    x_cl = x.clone().to(memory_format=torch.channels_last).requires_grad_(True)
+    out = op.to(memory_format=torch.channels_last)(x_cl)
+    torch.testing.assert_close(out, reference(x), rtol=1e-5, atol=1e-5)
+    out.backward(g)
+    torch.testing.assert_close(x_cl.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
+    for p, ref in zip((op.conv_1.weight, op.conv_2.weight), grads_ref):
+        torch.testing.assert_close(p.grad, ref, rtol=1e-5, atol=1e-5)
