@@ -186,7 +186,7 @@ class SearchModule(RebuildFromConfig, pl.LightningModule):
     def log_architecture(self) -> None:
         """``alpha/<cell>/<edge>/<op>`` softmax weights, ``arch/entropy``, and the genotype."""
         entropies = []
-        for cell_type, probs in self.supernet.arch_weights().items():
+        for cell_type, probs in self.arch_probs().items():
             probs = probs.detach().float().cpu()
             entropies.append(-(probs * probs.clamp_min(1e-12).log()).sum(-1).mean())
             names = self.supernet.edge_names(cell_type)
@@ -203,10 +203,15 @@ class SearchModule(RebuildFromConfig, pl.LightningModule):
     def derive_genotype(self):
         return self.supernet.genotype()
 
+    def arch_probs(self) -> dict[str, torch.Tensor]:
+        """Per cell type, ``[n_edges, n_ops]`` op probabilities: the softmaxed alphas (DrNAS: its
+        Dirichlet means). What ``alpha/...`` logs and the heatmaps show."""
+        return self.supernet.arch_weights()
+
     def architecture_probs(self) -> dict[str, list[tuple[str, dict[str, float]]]]:
         """Per cell type, per edge: each candidate op's softmaxed alpha (what the pictures show)."""
         out = {}
-        for t, probs in self.supernet.arch_weights().items():
+        for t, probs in self.arch_probs().items():
             names, cands = self.supernet.edge_names(t), self.supernet.candidates[t]
             rows = probs.detach().float().cpu().tolist()
             out[t] = [(names[e], dict(zip(cands[e], row))) for e, row in enumerate(rows)]

@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from oneshot.lightning_modules.base import SearchModule, all_reduce_mean
 from torch.optim.lr_scheduler import CosineAnnealingLR
 
+from oneshot.regularizers import make_regularizer
+
 
 def _set_(params, values):
     with torch.no_grad():
@@ -93,6 +95,8 @@ class DartsSearch(SearchModule):
         w_lr_min: float = 0.001,
         grad_clip: float = 5.0,
         warmup_epochs: int = 0,
+        regularizer: str | None = None,
+        regularizer_weight: float | None = None,
     ):
         super().__init__(supernet)
         if order not in (1, 2):
@@ -100,6 +104,11 @@ class DartsSearch(SearchModule):
         if grad_clip is None or grad_clip < 0:  # torch clips by a negative norm by flipping every gradient's sign
             raise ValueError(f"strategy.grad_clip={grad_clip} is out of range; valid: a number >= 0 (0 = off)")
         self.order, self.w_lr_min, self.grad_clip, self.warmup_epochs = order, w_lr_min, grad_clip, warmup_epochs
+        # A collapse guard (oneshot/regularizers.py), None when off: then every step below is DARTS' own.
+        self.regularizer = make_regularizer(regularizer, regularizer_weight)
+        if self.regularizer is not None and self.regularizer.name == "auxiliary_skip" and getattr(supernet, "betas", None):
+            raise ValueError("strategy.regularizer=auxiliary_skip does not combine with PC-DARTS' edge normalisation "
+                             "(space.supernet.partial_channels > 1); valid: space.supernet.edge_normalization=false")  # fmt: skip
         self.w_optimizer = w_optimizer or (lambda params: torch.optim.SGD(params, 0.025, 0.9, weight_decay=3e-4))
         self.a_optimizer = a_optimizer or (
             lambda params: torch.optim.Adam(params, 3e-4, betas=(0.5, 0.999), weight_decay=1e-3)
@@ -112,25 +121,58 @@ class DartsSearch(SearchModule):
         epochs = max(1, self.trainer.max_epochs or 1) if self._trainer is not None else 1
         return [w_opt, a_opt], [CosineAnnealingLR(w_opt, T_max=epochs, eta_min=self.w_lr_min)]
 
+    def sample_weights(self):
+        """The per-edge weights of one supernet forward; ``None``: the supernet's own softmax of
+        the alphas (DARTS). GDAS and DrNAS draw a sample here."""
+        return None
+
+    def mixing_weights(self):
+        """``sample_weights``, with the auxiliary skip added when that regulariser is on."""
+        weights = self.sample_weights()
+        if self.regularizer is not None:
+            weights = self.regularizer.mix(self.supernet, weights, self.current_epoch, self._max_epochs())
+        return weights
+
+    def arch_penalty(self):
+        """What the architecture loss adds to the validation loss (``None``: nothing, DARTS)."""
+        if self.regularizer is None:
+            return None
+        return self.regularizer.penalty(self.supernet.arch_parameters(), self.current_epoch, self._max_epochs())
+
+    def _max_epochs(self):
+        return self.trainer.max_epochs if self._trainer is not None else None
+
     def arch_step(self, train_batch, val_batch, w_opt, a_opt):
         a_opt.zero_grad()
+        penalty = self.arch_penalty()
         if self.order == 1:
             x_v, y_v = val_batch
-            loss_val = F.cross_entropy(self.supernet(x_v), y_v)
+            loss_val = F.cross_entropy(self.supernet(x_v, self.mixing_weights()), y_v)
             # Only the alphas' gradient: autograd.grad skips every conv's weight gradient (a third
             # of this backward). It bypasses DDP's hooks, so the average over ranks is explicit.
+            # The penalty depends on the alphas only, the same on every rank: added after the mean.
             arch = self.supernet.arch_parameters()
-            for a, g in zip(arch, all_reduce_mean(torch.autograd.grad(loss_val, arch))):
+            grads = all_reduce_mean(torch.autograd.grad(loss_val, arch))
+            if penalty is not None:
+                grads = [g + p for g, p in zip(grads, torch.autograd.grad(penalty, arch, allow_unused=True,
+                                                                          materialize_grads=True))]  # fmt: skip
+            for a, g in zip(arch, grads):
                 a.grad = g
         else:
             group = w_opt.param_groups[0]
             weights = self.supernet.weight_parameters()
             buffers = [w_opt.state.get(w, {}).get("momentum_buffer") for w in weights]
+            mixing = self.regularizer is not None and self.regularizer.name == "auxiliary_skip"
             hypergrad, loss_val = unrolled_arch_gradient(
-                self.supernet, self.supernet.arch_parameters(), weights, train_batch, val_batch,
+                (lambda x: self.supernet(x, self.mixing_weights())) if mixing else self.supernet,
+                self.supernet.arch_parameters(), weights, train_batch, val_batch,
                 xi=group["lr"], momentum=group.get("momentum", 0.0), weight_decay=group.get("weight_decay", 0.0),
                 momentum_buffers=buffers,
             )  # fmt: skip
+            if penalty is not None:
+                arch = self.supernet.arch_parameters()
+                extra = torch.autograd.grad(penalty, arch, allow_unused=True, materialize_grads=True)
+                hypergrad = [g + p for g, p in zip(hypergrad, extra)]
             for a, g in zip(self.supernet.arch_parameters(), hypergrad):
                 a.grad = g
         self.check_finite(loss_val, "validation loss of the architecture step")
@@ -144,7 +186,7 @@ class DartsSearch(SearchModule):
         x, y = train_batch
         w_opt.zero_grad()
         with frozen(self.supernet.arch_parameters()):  # this step needs no alpha gradient
-            logits = self.supernet(x)
+            logits = self.supernet(x, self.mixing_weights())
         loss = F.cross_entropy(logits, y)
         self.check_finite(loss, "training loss")
         self.manual_backward(loss)

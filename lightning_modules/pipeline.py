@@ -80,6 +80,9 @@ def search(cfg: DictConfig) -> dict:
     if cfg.retrain.enabled:  # a bad retraining value stops the run now, not after the search
         resolve_recipe(cfg, cfg.space.get("name"))
     _check_ckpt_path(cfg, ("search", "retrain"))  # a bad checkpoint stops here, before the run directory
+    from oneshot.lightning_modules.benchmark import BenchmarkAccuracy, accuracies, load_benchmark
+
+    benchmark = load_benchmark(cfg)  # issue 18: a bad benchmark table stops the run before it starts
     run_dir = resolve_run_dir(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = SearchDataModule(**_data_kwargs(cfg.data, seed=cfg.seed))
@@ -102,15 +105,17 @@ def search(cfg: DictConfig) -> dict:
     resumed_at = progress(read_checkpoint(search_from)) if search_from else None  # before fit moves it on
     try:
         callbacks = make_callbacks(cfg, run_dir, validates(OmegaConf.to_container(cfg.trainer, resolve=True)))
+        callbacks += [BenchmarkAccuracy(benchmark)] if benchmark is not None else []  # issue 18
         trainer = make_trainer(cfg.trainer, run_dir, loggers, callbacks=callbacks)
         if getattr(module, "training_free", False):  # TE-NAS: the search is a prune; no fit, no checkpoints
             module.search_without_training(datamodule, run_dir)
         else:
             trainer.fit(module, datamodule=datamodule, ckpt_path=search_from)
+        # Derived first: a search that runs after training (SPOS' evolution, ENAS' scoring) is search time.
+        genotype = module.derive_genotype()
         # The whole search: warm start and training, summed over a killed run and its resumes.
         training_free = getattr(module, "training_free", False)
         search_seconds = time.perf_counter() - start if training_free else module.search_seconds()
-        genotype = module.derive_genotype()
         ranks = check_ranks_agree(module, genotype)  # DDP: every rank derived the same
         report = {
             "genotype": str(genotype),
@@ -120,11 +125,14 @@ def search(cfg: DictConfig) -> dict:
             "supernet_weight_parameters": supernet.num_weight_parameters(),
             "genotypes_per_epoch": list(module.genotypes),
             "warmstart": warmstart_report,
+            **({"benchmark": accuracies(benchmark, genotype)} if benchmark is not None else {}),  # issue 18
             **({"ddp": ranks} if ranks else {}),
         }
         if trainer.is_global_zero:
             atomic_write_text(run_dir / "genotype.txt", str(genotype) + "\n")
             atomic_write_json(run_dir / "genotype.json", genotype.to_json())
+            if genotype.space == "model":  # issue 15: a model space's {label: value}, what retrain arch= reads
+                atomic_write_json(run_dir / "arch.json", genotype.to_json())
             atomic_write_json(run_dir / "report.json", report)
         log.info("derived genotype: %s", genotype)
         finish_pictures(loggers, run_dir, report, draw=draw, stage="search")
@@ -154,9 +162,13 @@ def search(cfg: DictConfig) -> dict:
 
 def retrain(cfg: DictConfig) -> dict:
     """Retrain ``cfg.genotype`` (a file, a published name or a string) from scratch, at the
-    ``size`` preset of its space and with its space's recipe unless ``retrain=`` names one."""
-    genotype = resolve_genotype(cfg.genotype)
-    network_kwargs = network_size(genotype.space, cfg.get("size", "paper"), cfg.network)
+    ``size`` preset of its space and with its space's recipe unless ``retrain=`` names one.
+    ``space=model arch=arch.json`` (issue 15): the fixed network of a model space instead."""
+    if cfg.get("arch") is not None:
+        genotype, network_kwargs = _model_arch(cfg)
+    else:
+        genotype = resolve_genotype(cfg.genotype)
+        network_kwargs = network_size(genotype.space, cfg.get("size", "paper"), cfg.network)
     _check_network_kwargs(genotype, network_kwargs)
     resolve_recipe(cfg, genotype.space)  # bad values stop here, before the run directory is made
     _check_ckpt_path(cfg, ("retrain",))
@@ -199,6 +211,9 @@ def retrain_genotype(genotype, cfg, out_dir: Path, network_kwargs: dict, loggers
                    "genotype": {"_target_": "oneshot.genotypes.parse", "text": str(genotype)},
                    "num_classes": info.num_classes, "in_channels": info.in_channels, "image_size": info.image_size,
                    **network_kwargs}  # fmt: skip
+    if genotype.space == "model":  # the user's model config is built by fixed_network, not by Hydra
+        network_cfg = {**network_cfg, "_target_": "oneshot.spaces.model.fixed_network", "_recursive_": False,
+                       "arch": str(network_cfg.pop("genotype")["text"])}  # fmt: skip
     record_hparams(module, network=network_cfg, optimizer=OmegaConf.to_container(rcfg.optimizer, resolve=True),
                    lr_min=rcfg.lr_min, auxiliary_weight=rcfg.auxiliary_weight, drop_path_prob=rcfg.drop_path_prob)  # fmt: skip
     # Not struct: retrain.trainer may set Trainer arguments that the search's trainer leaves out.
@@ -234,6 +249,23 @@ def retrain_genotype(genotype, cfg, out_dir: Path, network_kwargs: dict, loggers
     return result
 
 
+def _model_arch(cfg) -> tuple:
+    """``oneshot-retrain space=model arch=...`` (issue 15): the ``Arch`` and the network's kwargs
+    (the model config), checked against the model before anything is written."""
+    from oneshot.arch import load_arch
+    from oneshot.spaces.model import fixed_network
+
+    model = OmegaConf.select(cfg, "space.model", default=None)
+    if model is None:
+        raise ValueError(f"arch={cfg.arch} needs the model it fixes: add space=model space.model._target_=mypkg.nets.MyNet "
+                         "(or space=mobilenet)")  # fmt: skip
+    model = OmegaConf.to_container(model, resolve=True)
+    arch = load_arch(str(cfg.arch))
+    with torch.device("meta"):  # the structure only: a missing or unknown label stops here
+        fixed_network(arch, model)
+    return arch, {"model": model}
+
+
 def _check_network_kwargs(genotype, network_kwargs: dict) -> None:
     """``network.layers=8`` for an NB201 genotype is a mistake to name, not a TypeError."""
     import inspect
@@ -265,6 +297,10 @@ def load_network(path) -> torch.nn.Module:
         unsafe = "weights_only" in str(e)
         raise ValueError(f"{not_ours}: it cannot be loaded safely" if unsafe else f"{not_ours}: it cannot be read") from None
     kwargs = bundle.get("network_kwargs") if isinstance(bundle, dict) else None
+    if isinstance(kwargs, dict) and isinstance(kwargs.get("model"), dict):  # issue 15: a model space's network
+        raise ValueError(f"{path} holds a network of your own model class, which a file is not trusted to name: rebuild it "
+                         f"with oneshot.fix(<your space.model config>, {bundle.get('genotype')!r:.200}) and load its "
+                         "'state_dict' (torch.load(path, weights_only=True))")  # fmt: skip
     ok = (isinstance(kwargs, dict) and isinstance(bundle.get("genotype"), str) and isinstance(bundle.get("state_dict"), dict)
           and all(isinstance(k, str) and isinstance(v, int | float | bool | None) for k, v in kwargs.items()))  # fmt: skip
     if not ok:

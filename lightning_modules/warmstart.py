@@ -73,6 +73,8 @@ class PruneOptions:
     threads: int = 1
     progress: bool = True
     networks: dict = field(default_factory=dict)
+    # Issue 18: what the prune ranks by, rank sums over any of oneshot.metrics.HIGHER_IS_BETTER.
+    metrics: list = field(default_factory=lambda: ["ntk", "regions"])
 
     @classmethod
     def from_config(cls, options: dict | DictConfig, group: str) -> PruneOptions:
@@ -97,7 +99,19 @@ def tenas_space_of(supernet, num_classes: int, in_channels: int, networks: dict)
     if isinstance(supernet, DartsSupernet):
         sizes = {"C": 1, "stem_multiplier": 1, **(networks.get("darts") or {})}
         return darts_space(steps=supernet.steps, multiplier=supernet.multiplier, **sizes, **common)
-    raise ValueError(f"TE-NAS prunes the nb201 and darts spaces, not {type(supernet).__name__}")
+    from oneshot.spaces.model import ModelSpace, tenas_space
+
+    if isinstance(supernet, ModelSpace):  # issue 15: the user's model itself, on real images
+        return tenas_space(supernet, num_classes, in_channels, **(networks.get("model") or {}))
+    raise ValueError(f"TE-NAS prunes the nb201, darts and model spaces, not {type(supernet).__name__}")
+
+
+def training_labels(datamodule, n: int, seed: int) -> torch.Tensor:
+    """The labels of ``training_images(datamodule, n, seed)``, in the same order (issue 18: the
+    loss-based proxies need them)."""
+    pool = datamodule.weight_set
+    idx = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))[:n]
+    return torch.as_tensor(pool.y[idx]).long()
 
 
 def training_images(datamodule, n: int, seed: int) -> torch.Tensor:
@@ -131,6 +145,9 @@ def _finite(value):
 def _write_history(run_dir: Path, stem: str, result: PruneResult, report: dict, options) -> None:
     rows = [asdict(r) for r in result.history]
     names = [f.name for f in fields(PruneRow)]
+    if result.extra:  # issue 18: the other metrics' value, change and rank columns
+        rows = [{**r, **x} for r, x in zip(rows, result.extra)]
+        names += list(result.extra[0])
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=names, lineterminator="\n")
     writer.writeheader()
@@ -191,7 +208,8 @@ def run_prune(supernet, datamodule, keep: int, options: PruneOptions, run_dir: P
             space, images, keep, num_inits=options.num_inits, seed=options.seed, ntk_batch=ntk_batch,
             n_crops=options.n_crops, crop_size=options.crop_size, ops_per_round=options.ops_per_round,
             precision=options.precision, method=options.method,
-            progress=options.progress and rank_zero_only.rank == 0,
+            progress=options.progress and rank_zero_only.rank == 0, metrics=list(options.metrics),
+            targets=_labels_if_needed(datamodule, options),
         )  # fmt: skip
     seconds = time.perf_counter() - start
     if dist.is_available() and dist.is_initialized():  # a group exists already: rank 0 decides
@@ -203,6 +221,7 @@ def run_prune(supernet, datamodule, keep: int, options: PruneOptions, run_dir: P
     fingerprint = hashlib.sha256(json.dumps(survivors, sort_keys=True).encode()).hexdigest()[:12]
     report = {
         "method": "tenas",
+        "metrics": list(options.metrics),
         "keep": keep,
         "seconds": round(seconds, 2),
         "rounds": 1 + max((r.round for r in result.history), default=-1),
@@ -218,6 +237,14 @@ def run_prune(supernet, datamodule, keep: int, options: PruneOptions, run_dir: P
     if rank_zero_only.rank == 0:
         _write_history(Path(run_dir), stem, result, report, options)
     return result, report
+
+
+def _labels_if_needed(datamodule, options):
+    from oneshot.metrics.proxies import LOSS_PROXIES
+
+    if any(m in LOSS_PROXIES for m in options.metrics):
+        return training_labels(datamodule, options.images, options.seed)
+    return None
 
 
 def run_warmstart(cfg: DictConfig, datamodule, run_dir: Path) -> tuple[dict, dict]:

@@ -48,3 +48,11 @@ def load_network(path):
     from oneshot.lightning_modules.pipeline import load_network as _load
 
     return _load(path)
+
+
+def fix(model_or_config, arch):
+    """The plain network of ``arch`` (``{label: value}``, an ``arch.json``) for a model written
+    with ``oneshot.nn`` choices (issue 15; ``oneshot.spaces.model.fix``)."""
+    from oneshot.spaces.model import fix as _fix
+
+    return _fix(model_or_config, arch)

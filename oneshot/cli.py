@@ -46,6 +46,8 @@ TRAINER_ARGS = {
 # Trainer arguments oneshot sets itself from the run directory and its own config.
 SET_BY_ONESHOT = ("logger", "callbacks", "plugins", "default_root_dir")
 _TRAINER_KEY = re.compile(r"(\+{0,2})((?:retrain\.)?trainer)\.(\w+)")
+# space=model's ``space.model.<arg>=v``: any constructor argument of the user's class (issue 15).
+_MODEL_KEY = re.compile(r"space\.model\.\w+")
 
 # What oneshot-search returns to a Hydra sweeper (``objective=``): the retrained network's
 # accuracy on the held-out validation part of the training set (the default: selecting on the
@@ -101,6 +103,8 @@ def rewrite_overrides(args: list[str]) -> list[str]:
         match = _TRAINER_KEY.fullmatch(key) if eq else None
         if eq and key in groups and value.strip() == "null":
             arg = f"~{key}"
+        elif eq and _MODEL_KEY.fullmatch(key):  # issue 15: the user model's own constructor arguments
+            arg = f"++{arg}"
         elif match:
             plus, where, name = match.groups()
             check_trainer_arg(f"{where}.{name}", name, value)
@@ -385,6 +389,13 @@ def search_main() -> None:
     _with_rewritten_argv(_search_app)
 
 
+def retrain_model_overrides(args: list[str]) -> list[str]:
+    """``oneshot-retrain space=model arch=arch.json`` (issue 15): the retrain config has no space
+    group and no ``arch`` key, so both are added (``+``); idempotent."""
+    return [f"+{a}" if a.partition("=")[0] in ("space", "arch") and "=" in a else a for a in args]
+
+
 def retrain_main() -> None:
     """``oneshot-retrain``."""
+    sys.argv[1:] = retrain_model_overrides(sys.argv[1:])
     _with_rewritten_argv(_retrain_app)

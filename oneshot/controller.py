@@ -10,6 +10,9 @@ ICML 2018 (code: github.com/melodyguan/enas, ``src/cifar10/micro_controller.py``
   ENAS' attention: every earlier node leaves an anchor (its LSTM output; zeros for the two cell
   inputs) and the logit of input ``j`` is ``v . tanh(W1 anchor_j + W2 h)``. Attention rather than a
   per-node linear head because it is what ENAS does and it needs no head per node count.
+* A model space (``oneshot.spaces.model``, issue 15): one LSTM step per decision (a LayerChoice,
+  an InputChoice or a Repeat), in the supernet's order, each with its own softmax head over its
+  candidates and its own embedding of the choice, fed to the next step as in ENAS' macro search.
 
 Logits pass through ``tanh_constant * tanh(logits / temperature)`` (Zoph & Le 2017, ENAS). Op
 logits and op embeddings are keyed by op *name*, so after a warm start that leaves different ops
@@ -26,8 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from oneshot.arch import Arch
 from oneshot.genotypes import DartsGenotype, GenotypeError, NB201Genotype
 from oneshot.spaces.darts import DartsSupernet, cell_edges
+from oneshot.spaces.model import ModelSpace
 from oneshot.spaces.nb201 import EDGES as NB201_EDGES
 from oneshot.spaces.nb201 import NB201Network
 
@@ -82,12 +87,16 @@ class Controller(nn.Module):
         temperature: float | None = 5.0,
         tanh_constant: float | None = 2.5,
         op_tanh_reduce: float = 1.0,
+        values: dict[str, list] | None = None,
     ):
         super().__init__()
-        if space not in ("nb201", "darts"):
-            raise ValueError(f"unknown space {space!r}; the controller knows 'nb201' and 'darts'")
+        if space not in ("nb201", "darts", "model"):
+            raise ValueError(f"unknown space {space!r}; the controller knows 'nb201', 'darts' and 'model'")
         self.space, self.steps = space, steps
-        self.cell_types = ("cell",) if space == "nb201" else ("normal", "reduce")
+        self.cell_types = {"nb201": ("cell",), "darts": ("normal", "reduce"), "model": tuple(candidates)}[space]
+        # model: each decision's architecture value per candidate (``Arch`` values), and its kind
+        self.values = {t: list(values[t]) for t in self.cell_types} if space == "model" else None
+        self.kinds: dict[str, str] = {}  # model: label -> choice kind, for decision names
         self.candidates = {t: [tuple(c) for c in candidates[t]] for t in self.cell_types}
         self.concat = tuple(concat) if concat is not None else tuple(range(2, steps + 2))
         self.temperature, self.tanh_constant = temperature, tanh_constant
@@ -100,7 +109,7 @@ class Controller(nn.Module):
             t: [[vocab[op] for op in c] for c in self.candidates[t]] for t in self.cell_types
         }
         self._edge_index = {edge: e for e, edge in enumerate(cell_edges(steps))}
-        n_edges = len(NB201_EDGES) if space == "nb201" else len(self._edge_index)
+        n_edges = {"nb201": len(NB201_EDGES), "darts": len(self._edge_index), "model": 1}[space]
         if any(len(self.candidates[t]) != n_edges for t in self.cell_types):
             raise ValueError(f"the {space} controller needs candidates for {n_edges} edges")
 
@@ -113,6 +122,9 @@ class Controller(nn.Module):
             self.w_attn_1 = nn.Linear(H, H, bias=False)
             self.w_attn_2 = nn.Linear(H, H, bias=False)
             self.v_attn = nn.Linear(H, 1, bias=False)
+        if space == "model":  # per decision its own head and embedding (ModuleList: labels may hold dots)
+            self.heads = nn.ModuleList(nn.Linear(H, len(self.candidates[t][0])) for t in self.cell_types)
+            self.embeddings = nn.ModuleList(nn.Embedding(len(self.candidates[t][0]), H) for t in self.cell_types)
         for p in self.parameters():  # ENAS: every controller parameter ~ U[-0.1, 0.1]
             nn.init.uniform_(p, -0.1, 0.1)
 
@@ -126,7 +138,12 @@ class Controller(nn.Module):
         if isinstance(supernet, DartsSupernet):
             s, m = supernet.steps, supernet.multiplier
             return cls("darts", cands, steps=s, concat=tuple(range(2 + s - m, s + 2)), **kwargs)
-        raise ValueError(f"no ENAS controller for {type(supernet).__name__}: only NB201, DARTS")
+        if isinstance(supernet, ModelSpace):
+            values = {t: [c.value_of(n) for n in c.names] for t, c in supernet.choices.items()}
+            controller = cls("model", cands, values=values, **kwargs)
+            controller.kinds = {t: c.kind for t, c in supernet.choices.items()}
+            return controller
+        raise ValueError(f"no ENAS controller for {type(supernet).__name__}: only NB201, DARTS and model spaces")
 
     # --- the three ways to walk the policy: sample, greedy, teacher-forced --------------------
 
@@ -157,7 +174,7 @@ class Controller(nn.Module):
         choices) under the current policy, teacher-forcing its choices through the LSTM."""
         if isinstance(arch, Sample):
             arch = arch.choices
-        elif isinstance(arch, NB201Genotype | DartsGenotype):
+        elif isinstance(arch, NB201Genotype | DartsGenotype | Arch):
             arch = self.choices_of(arch)
         choices = [d.choice if isinstance(d, Decision) else int(d) for d in arch]
         wrong = ValueError(f"choices {choices} do not fit this controller's decisions")
@@ -174,6 +191,13 @@ class Controller(nn.Module):
 
     def choices_of(self, genotype) -> list[int]:
         """The decision sequence that produces ``genotype`` (its concat is not a decision)."""
+        if self.space == "model":
+            if not isinstance(genotype, Arch) or set(genotype) != set(self.cell_types):
+                raise GenotypeError(f"{genotype} is not an architecture of this model (labels {', '.join(self.cell_types)})")
+            norm = [sorted(v) if isinstance(v, list) else v for v in (genotype[t] for t in self.cell_types)]
+            if any(v not in self.values[t] for t, v in zip(self.cell_types, norm)):
+                raise GenotypeError(f"{genotype} names a value that is not a candidate of this model")
+            return [self.values[t].index(v) for t, v in zip(self.cell_types, norm)]
         if self.space == "nb201":
             if not isinstance(genotype, NB201Genotype):
                 raise GenotypeError(f"genotype {genotype} is not an NB201 genotype")
@@ -232,7 +256,12 @@ class Controller(nn.Module):
 
         weights, genotype = {}, {}
         x = self.g_emb
-        for t in self.cell_types:
+        for k, t in enumerate(self.cell_types):
+            if self.space == "model":  # one step per decision, its own head and embedding
+                i = decide(f"{t}/{self.kinds.get(t, 'choice')}", self.heads[k](step(x)), op_tanh)
+                weights[t], genotype[t] = [i], self.values[t][i]
+                x = self.embeddings[k].weight[i].unsqueeze(0)
+                continue
             if self.space == "nb201":
                 ops = []
                 for e, (target, source) in enumerate(NB201_EDGES):
@@ -270,6 +299,8 @@ class Controller(nn.Module):
 
         if self.space == "darts":
             g = DartsGenotype(genotype["normal"], self.concat, genotype["reduce"], self.concat)
+        elif self.space == "model":
+            g = Arch(genotype)
         else:
             g = genotype["cell"]
         logits = [d.logits for d in decisions]

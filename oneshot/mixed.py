@@ -1,9 +1,12 @@
 """The mixed op: one edge of a supernet, the single interface between strategies and spaces.
 
-``MixedOp.forward(x, weights)`` understands four kinds of ``weights``:
+``MixedOp.forward(x, weights)`` understands five kinds of ``weights``:
 
 * a float tensor ``[n_ops]`` - DARTS: ``sum_i w_i * op_i(x)``;
 * an ``int`` - a one-hot sample (ENAS): only that op runs;
+* a pair ``(index, weight)``, ``weight`` a 0-dim tensor - a sample with a gradient (GDAS'
+  straight-through one-hot): only op ``index`` runs, times ``weight`` (value 1, gradient into
+  the architecture parameters);
 * a tuple of ints - a mask of surviving ops (TE-NAS pruning, or ENAS picking the same input
   twice): the plain sum of those ops, nothing else runs;
 * ``None`` - the edge is not used; the caller skips it.
@@ -142,6 +145,9 @@ class MixedOp(nn.Module):
             for i in live[1:]:
                 out = out + weights[i] * run_op(self.ops[i], node)
             return out
+        if isinstance(weights, tuple) and len(weights) == 2 and isinstance(weights[1], torch.Tensor):
+            index, weight = weights  # (index, weight): GDAS' sampled op times its straight-through weight
+            return weight * run_op(self.ops[index], node)
         chosen = tuple(weights)
         if not chosen:
             return None

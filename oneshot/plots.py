@@ -214,6 +214,9 @@ def tenas_figure(history: list[dict], cell_type: str) -> Figure:
 
 def cell_pictures(genotype, use_dot: bool = True) -> dict[str, bytes]:
     """PNG bytes of each cell type's picture of ``genotype`` (a value or a string)."""
+    if getattr(genotype, "space", None) == "model" or (isinstance(genotype, str) and genotype.lstrip().startswith("{")
+                                                        and '"genotype"' not in genotype):  # fmt: skip
+        return {}  # issue 15: a model space's {label: value} has no cell to draw; its heatmaps show it
     g = parse(genotype) if isinstance(genotype, str) else genotype
     return {
         t: cell_png(graph, f"{g.space} {t}" if t == "cell" else f"{t} cell", use_dot)
@@ -316,6 +319,8 @@ def _read_report(path: Path) -> dict:
     if not path.is_file():
         return {}
     report = read_mapping(path, __import__("json").loads)
+    if report.get("space") == "model":  # issue 15: architectures {label: value}, no genotype strings
+        return report
     for key in ("genotype", "genotypes_per_epoch"):
         value = report.get(key)
         values = value if key == "genotypes_per_epoch" and isinstance(value, list) else [value]

@@ -70,11 +70,17 @@ def average_masked_ops(model: nn.Module):
         for m in model.modules()
         if isinstance(m, MixedOp)
     ]
+    # Issue 15: a model space's choices (oneshot.nn) read their masks from a shared state.
+    states = [s for m in model.modules() if hasattr(s := getattr(m, "_state", None), "average_masks")]
+    for state in states:
+        state.average_masks = True
     try:
         yield model
     finally:
         for h in hooks:
             h.remove()
+        for state in states:
+            state.average_masks = False
 
 
 @dataclass(frozen=True)
@@ -94,6 +100,8 @@ class TenasSpace:
     inputs_per_node: int = 2
     ops_per_round: int = 1
     ntk_batch: int = 72
+    # Issue 15: count regions on whole images (a user's model), not on one-channel crops.
+    regions_on_images: bool = False
 
 
 def nb201_space(C: int = 3, N: int = 1, num_classes: int = 10, primitives=NB201_PRIMITIVES,
@@ -212,6 +220,35 @@ def combined_order(
     return order, ntk_rank, regions_rank
 
 
+def proxy_change(before: float, after: float) -> float:
+    """``(before - after) / |before|`` for any proxy (issue 18): positive when removing the op
+    lowered the score. Where either is infinite or NaN, +-1 by which is larger (0 if neither)."""
+    if before == after:
+        return 0.0
+    if not (math.isfinite(before) and math.isfinite(after)):
+        return 1.0 if before > after else -1.0 if after > before else 0.0
+    if before == 0.0:
+        return math.copysign(1.0, before - after)
+    return (before - after) / abs(before)
+
+
+def combined_ranks(changes: dict[str, list[float]], metrics) -> tuple[list[int], dict[str, list[int]]]:
+    """``combined_order`` for any metrics (issue 18): each metric's changes ranked densely, a
+    lower-is-better metric's (kappa) descending, the others ascending (an op whose removal costs
+    the least goes first); candidates by rank sum, ties in the first metric's order. With
+    ``["ntk", "regions"]`` exactly ``combined_order``."""
+    from oneshot.metrics.ensemble import direction
+
+    ranks, first_order = {}, None
+    for m in metrics:
+        ranks[m], order = dense_ranks(changes[m], descending=not direction(m))
+        first_order = order if first_order is None else first_order
+    position = {i: p for p, i in enumerate(first_order)}
+    n = len(first_order)
+    order = sorted(range(n), key=lambda i: (sum(ranks[m][i] for m in metrics), position[i]))
+    return order, ranks
+
+
 @dataclass(frozen=True)
 class PruneRow:
     """One candidate of one round: the supernet without ``op`` on ``edge`` (stage "op") or
@@ -242,12 +279,16 @@ class PruneResult:
     genotype: object | None
     history: list[PruneRow] = field(default_factory=list)
     edges: dict[str, list[int]] | None = None
+    # Issue 18: per history row, the value, change and rank of each metric besides ntk/regions.
+    extra: list[dict] = field(default_factory=list)
 
 
 class _Meter:
     """Both metrics of masked supernets, on common initialisations within a round."""
 
-    def __init__(self, space, batch, crops, num_inits, seed, precision, method, progress):
+    def __init__(self, space, batch, crops, num_inits, seed, precision, method, progress,
+                 metrics=("ntk", "regions"), targets=None):  # fmt: skip
+        self.metrics, self.targets = list(metrics), targets  # issue 18: any set of metrics
         with torch.random.fork_rng(
             devices=[]
         ):  # building draws default inits; reinit_ replaces them
@@ -268,7 +309,26 @@ class _Meter:
                 activation_patterns(self.regions_net, self.crops, 1000, {"weights": masks})
             )
 
+    def _proxies(self, masks, seed):
+        """Issue 18: the zero-cost proxies of the masked NTK network, PyTorch's default init
+        seeded by ``seed`` (the same for every variant of a round), on the NTK batch."""
+        from oneshot.metrics.proxies import LOSS_PROXIES, PROXIES, loss_proxies
+
+        wanted = [m for m in self.metrics if m not in ("ntk", "regions")]
+        kw = {"seed": seed, "forward_kwargs": {"weights": masks}}
+        out = {}
+        with average_masked_ops(self.ntk_net):
+            lossy = [m for m in wanted if m in LOSS_PROXIES]
+            if lossy:
+                out.update(loss_proxies(self.ntk_net, self.batch, self.targets, lossy, **kw))
+            for m in wanted:
+                if m not in LOSS_PROXIES:
+                    out[m] = PROXIES[m](self.ntk_net, self.batch, self.targets, **kw)
+        return out
+
     def __call__(self, current, variants, round_, label):
+        if self.metrics != ["ntk", "regions"]:
+            return self._measure(current, variants, round_, label)
         k, r, dk, dr = ([0.0] * len(variants) for _ in range(4))
         line = f"{label}: {len(variants) + 1} networks x {self.num_inits} inits, {time.perf_counter() - self.start:.0f} s in"
         with _progress(self.progress, label, line, self.num_inits * (len(variants) + 1)) as advance:
@@ -284,7 +344,37 @@ class _Meter:
                     dk[v] += round(relative_change(k0, kv), self.precision) / self.num_inits
                     dr[v] += round(relative_change(r0, rv), self.precision) / self.num_inits
                     advance()
-        return k, r, dk, dr
+        return {"ntk": k, "regions": r}, {"ntk": dk, "regions": dr}
+
+    def _measure(self, current, variants, round_, label):
+        """Any set of metrics (issue 18), on the same initialisations as TE-NAS' two."""
+        values = {m: [0.0] * len(variants) for m in self.metrics}
+        changes = {m: [0.0] * len(variants) for m in self.metrics}
+        line = f"{label}: {len(variants) + 1} networks x {self.num_inits} inits, {time.perf_counter() - self.start:.0f} s in"
+        with _progress(self.progress, label, line, self.num_inits * (len(variants) + 1)) as advance:
+            for i in range(self.num_inits):
+                s = self.seed * 1_000_003 + round_ * 1_009 + i  # a fresh init per round and repeat
+                reinit_(self.ntk_net, "fan_out", torch.Generator().manual_seed(s))
+                reinit_(self.regions_net, "fan_in", torch.Generator().manual_seed(s))
+
+                def measure(masks, s=s):  # this repeat's seed, bound now
+                    out = self._proxies(masks, s)
+                    if "ntk" in self.metrics:
+                        out["ntk"] = self._kappa(masks)
+                    if "regions" in self.metrics:
+                        out["regions"] = self._regions(masks)
+                    return out
+
+                before = measure(current)
+                advance()
+                for v, masks in enumerate(variants):
+                    after = measure(masks)
+                    for m in self.metrics:
+                        change = (relative_change if m in ("ntk", "regions") else proxy_change)(before[m], after[m])
+                        values[m][v] += after[m] / self.num_inits
+                        changes[m][v] += round(change, self.precision) / self.num_inits
+                    advance()
+        return values, changes
 
 
 @contextlib.contextmanager
@@ -337,11 +427,15 @@ def _count_rounds(space: TenasSpace, alive: dict, keep: int, per_round: int) -> 
 def prune(space: str | TenasSpace = "nb201", images: torch.Tensor | None = None, keep: int = 1, *,
           num_inits: int = 3, seed: int = 0, ntk_batch: int | None = None, n_crops: int = 3000,
           crop_size: int = 3, ops_per_round: int | None = None, precision: int = 3, method: str = "loop",
-          progress: bool = False, **space_kwargs) -> PruneResult:  # fmt: skip
+          progress: bool = False, metrics=("ntk", "regions"), targets: torch.Tensor | None = None,
+          **space_kwargs) -> PruneResult:  # fmt: skip
     """Prune ``space`` (a name in ``TENAS_SPACES``, sized by ``space_kwargs``, or a
     ``TenasSpace``) down to ``keep`` ops per edge, measuring on ``images`` (real training images,
     normalised as for training): the NTK on ``ntk_batch`` of them (default: the space's), the
-    regions on ``n_crops`` one-channel ``crop_size`` crops. Deterministic given ``seed``."""
+    regions on ``n_crops`` one-channel ``crop_size`` crops. Deterministic given ``seed``.
+    ``metrics`` (issue 18): any of ``oneshot.metrics.HIGHER_IS_BETTER``, ranked by the sum of
+    their ranks; the zero-cost proxies are taken on the NTK network and batch (``targets``: that
+    batch's labels, drawn as the images are, for the loss-based ones). TE-NAS is the default."""
     if isinstance(space, str):
         space = TENAS_SPACES[space](**space_kwargs)
     if images is None:
@@ -354,20 +448,31 @@ def prune(space: str | TenasSpace = "nb201", images: torch.Tensor | None = None,
     check_keep(keep, space)
     batch, crops = (
         sample_images(images, ntk_batch or space.ntk_batch, seed),
-        random_crops(images, n_crops, crop_size, seed),
+        sample_images(images, n_crops, seed) if space.regions_on_images else random_crops(images, n_crops, crop_size, seed),
     )
-    meter = _Meter(space, batch, crops, num_inits, seed, precision, method, progress)
+    metrics = list(metrics)
+    if targets is not None:  # the labels of the NTK batch: the same seeded draw as its images
+        targets = sample_images(targets, ntk_batch or space.ntk_batch, seed)
+    meter = _Meter(space, batch, crops, num_inits, seed, precision, method, progress, metrics, targets)
     history, round_, rounds = [], 0, _count_rounds(space, alive, keep, per_round)
+    extra = []  # issue 18: the other metrics' columns, one dict per history row
 
     def rank(cands, variants, stage, group, quota):
         """Measure the variants, rank them, record the rows; the candidates to remove."""
-        k, r, dk, dr = meter(alive, variants, round_, f"TE-NAS round {round_} ({round_ + 1} of {rounds}, {stage}s)")
-        order, nr, rr = combined_order(dk, dr)
+        values, changes = meter(alive, variants, round_, f"TE-NAS round {round_} ({round_ + 1} of {rounds}, {stage}s)")
+        order, ranks = combined_ranks(changes, metrics)
         removed = _first_per_group(order, cands, group, quota)
+        nan, none = [math.nan] * len(cands), [-1] * len(cands)  # a metric not measured
+        k, dk = values.get("ntk", nan), changes.get("ntk", nan)
+        r, dr = values.get("regions", nan), changes.get("regions", nan)
+        nr, rr = ranks.get("ntk", none), ranks.get("regions", none)
         for i, (t, e, op) in enumerate(cands):
+            total = sum(ranks[m][i] for m in metrics)
             row = PruneRow(round_, stage, t, space.edge_names[e], names[t][e][op], k[i], r[i], dk[i], dr[i], nr[i],
-                           rr[i], nr[i] + rr[i], i in removed)  # fmt: skip
+                           rr[i], total, i in removed)  # fmt: skip
             history.append(row)
+            extra.append({f"{m}{suffix}": d[m][i] for m in metrics if m not in ("ntk", "regions")
+                          for suffix, d in (("", values), ("_change", changes), ("_rank", ranks))})  # fmt: skip
             if row.pruned:
                 log.info("TE-NAS round %d: remove %s from %s edge %s", round_, row.op, t, row.edge)
         return [cands[i] for i in sorted(removed)]
@@ -392,7 +497,7 @@ def prune(space: str | TenasSpace = "nb201", images: torch.Tensor | None = None,
         for t, edges in alive.items()
     }
     if keep > 1 or space.genotype is None:
-        return PruneResult(survivors, None, history)
+        return PruneResult(survivors, None, history, extra=extra if any(extra) else [])
 
     # DARTS: every node keeps its `inputs_per_node` most important incoming edges, node by node.
     for t in alive if space.node_edges else ():
@@ -413,4 +518,4 @@ def prune(space: str | TenasSpace = "nb201", images: torch.Tensor | None = None,
         if space.node_edges
         else None
     )
-    return PruneResult(survivors, space.genotype(ops), history, edges)
+    return PruneResult(survivors, space.genotype(ops), history, edges, extra if any(extra) else [])

@@ -43,6 +43,7 @@ class Run:
     config: dict = field(default_factory=dict, compare=False)  # flattened: "data.name" -> "digits"
     data: str = "?"
     sizes: str = "?"
+    benchmark: dict = field(default_factory=dict, compare=False)  # issue 18: the final cell's benchmark accuracies
 
 
 def find_runs(dirs) -> list[Run]:
@@ -123,8 +124,10 @@ def read_run(path: Path) -> Run:
     seed = _field(path / "config.yaml", config, "seed", int)
     space = _field(path / "report.json", report, "space", str, "?")
     data = config.get("data") if isinstance(config.get("data"), dict) else {}
+    bench = report.get("benchmark") if isinstance(report.get("benchmark"), dict) else {}  # issue 18
+    bench = {k: v for k, v in bench.items() if isinstance(v, int | float) and not isinstance(v, bool)}
     return Run(path, seed, strategy, space, genotype, test_acc, flatten(config), str(data.get("name", "?")),
-               _sizes(config, report))  # fmt: skip
+               _sizes(config, report), bench)  # fmt: skip
 
 
 def setting_keys(runs: list[Run]) -> list[str]:
@@ -181,12 +184,14 @@ def render(runs: list[Run], console) -> None:
     base = Path(os.path.commonpath(paths))
     base = base.parent if len(paths) == 1 else base
     table = Table(title=f"runs under {base}")
-    for col in ("run", "seed", "strategy", "space", "data", "sizes", "genotype", "test acc"):
+    benchmark = any(r.benchmark for r in runs)  # issue 18: benchmark=nb201 runs
+    for col in ("run", "seed", "strategy", "space", "data", "sizes", "genotype", "test acc", *(["benchmark"] if benchmark else [])):
         table.add_column(col, no_wrap=col == "genotype")
     for r, path in zip(runs, paths):
+        bench = [", ".join(f"{k} {v:.2f}" for k, v in r.benchmark.items()) or "-"] if benchmark else []
         table.add_row(
             str(path.relative_to(base)), str(r.seed), r.strategy, r.space, r.data, r.sizes, r.genotype,
-            _acc(r.test_acc),
+            _acc(r.test_acc), *bench,
         )  # fmt: skip
     console.print(table)
     keys = setting_keys(runs)

@@ -146,6 +146,38 @@ RULES: dict[str, Rule] = {
        for k in ("lr", "momentum", "weight_decay")},  # fmt: skip
 }
 
+# Issue 16: GDAS, DrNAS, the collapse guards (conf/strategy/{gdas,drnas}.yaml, darts.yaml).
+RULES.update({
+    "strategy.regularizer": Rule("null (off), beta or auxiliary_skip", lambda v: v in (None, "beta", "auxiliary_skip")),
+    "strategy.regularizer_weight": number(0, null="the paper's: beta 50, auxiliary_skip 1"),
+    "strategy.tau_max": number(0, open_low=True),
+    "strategy.tau_min": number(0, open_low=True),
+    "strategy.kl_weight": number(0),  # 0 = no KL term
+    "strategy.prior": number(0, open_low=True),  # a Dirichlet concentration
+    "strategy.search": choice("evolution", "random"),
+    "strategy.population": integer(1),
+    "strategy.generations": integer(1),
+    "strategy.top_k": integer(1),
+    "strategy.n_mutation": integer(0),
+    "strategy.n_crossover": integer(0),
+    "strategy.mutation_prob": number(0, 1),
+    "strategy.recalibration_batches": integer(1),
+    "strategy.eval_batches": integer(1),
+})
+
+
+# Issue 18: the metrics the prune ranks by (warmstart=proxies, warmstart=tenas, strategy=tenas).
+_METRIC_NAMES = ("naswot", "synflow", "snip", "grasp", "fisher", "grad_norm", "jacob_cov", "zen",
+                 "params", "flops", "ntk", "regions")  # fmt: skip
+_METRICS = Rule(
+    "a non-empty list of distinct names from " + ", ".join(_METRIC_NAMES),
+    lambda v: isinstance(v, list | ListConfig) and len(v) > 0 and len(set(v)) == len(v)
+    and all(m in _METRIC_NAMES for m in v),
+)  # fmt: skip
+RULES.update({"warmstart.metrics": _METRICS, "strategy.metrics": _METRICS})
+# Issue 18: benchmark tables logged during the search (conf/benchmark/).
+RULES.update({"benchmark.name": choice("none", "nb201")})
+
 
 def _select(cfg: DictConfig, key: str):
     """``(found, value)``; a value that cannot be resolved is a ConfigError naming the key."""
@@ -288,6 +320,7 @@ def check_config(cfg: DictConfig, hydra_run_dir: str | None = None, datasets=())
     if ckpt and ckpt != "last":
         load_checkpoint(ckpt)
     check_devices(cfg)
+    check_model_space(cfg)
 
 
 def check_genotype(genotype, space: str, what: str) -> None:
@@ -366,3 +399,33 @@ def disk_error(exc: BaseException) -> ConfigError | None:
                 "a checkpoint could not be written (disk full?): free space, then continue the run with ckpt_path=last"
             )
     return None
+
+
+# ---- issue 15: a user's own model as the space (space=model, oneshot-retrain arch=...) ----
+
+
+def check_model_space(cfg: DictConfig) -> None:
+    """``space.model._target_`` is given and its module can be found (from the working directory
+    or PYTHONPATH; found, not imported, so torch stays unloaded); ``arch=`` comes with a model."""
+    import importlib.util
+    import sys
+
+    model = OmegaConf.select(cfg, "space.model", default=None)
+    if isinstance(model, DictConfig):
+        if OmegaConf.is_missing(model, "_target_") or not model.get("_target_"):
+            raise ConfigError("space.model._target_ is required: the class of your model, e.g. "
+                              "space.model._target_=mypkg.nets.MyNet")  # fmt: skip
+        target = str(model._target_)
+        module, _, name = target.rpartition(".")
+        if str(Path.cwd()) not in sys.path and "" not in sys.path:
+            sys.path.insert(0, str(Path.cwd()))
+        try:  # oneshot's own spaces (space=mobilenet) are there; finding them would import torch
+            found = target.startswith("oneshot.") or (bool(module and name) and importlib.util.find_spec(module) is not None)
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            raise ConfigError(f"space.model._target_={target} cannot be imported: no module {module or target!r}; "
+                              "valid: a class importable from the working directory or PYTHONPATH, e.g. mypkg.nets.MyNet")  # fmt: skip
+    if cfg.get("arch") is not None and model is None:
+        raise ConfigError(f"arch={cfg.arch} needs the model it fixes: add space=model space.model._target_=mypkg.nets.MyNet "
+                          "(or space=mobilenet)")  # fmt: skip

@@ -32,7 +32,7 @@ def test_help_lists_the_groups(tmp_path):
 BAD_INPUT = [
     # (app, args, exit code, what the one message must name)
     ("oneshot-search", ["space=nb301"], 1, ["nb301", "nb201", "darts"]),
-    ("oneshot-search", ["strategy=gdas"], 1, ["gdas", "darts"]),
+    ("oneshot-search", ["strategy=nsga"], 1, ["nsga", "darts", "gdas"]),
     ("oneshot-search", ["data.name=imagenet"], 2, ["imagenet", "mnist_embedded", "cifar10"]),
     ("oneshot-search", ["seed=[1"], 1, ["[1", "override_grammar"]),
     ("oneshot-search", ["no_such_key=1"], 1, ["no_such_key"]),

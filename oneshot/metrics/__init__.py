@@ -13,13 +13,32 @@ import torch
 from torch import nn
 
 from oneshot.genotypes import NB201Genotype, parse_nb201
+from oneshot.metrics.ensemble import best_by_rank_sum, rank_sum  # noqa: E402
 from oneshot.metrics.ntk import condition_number, ntk_condition_number, ntk_gram, reinit_
+
+# Zero-cost proxies, their rank-sum ensembles and scoring a whole space (issue 18).
+from oneshot.metrics.proxies import (  # noqa: E402
+    HIGHER_IS_BETTER,
+    PROXIES,
+    fisher,
+    flops,
+    grad_norm,
+    grasp,
+    jacob_cov,
+    loss_proxies,
+    naswot,
+    params,
+    snip,
+    synflow,
+    zen,
+)
 from oneshot.metrics.regions import (
     activation_patterns,
     count_unique_rows,
     linear_regions,
     random_crops,
 )
+from oneshot.metrics.space_scores import SpaceScores, score_space  # noqa: E402
 from oneshot.metrics.tenas_darts import DartsMetricNet, reference_order
 from oneshot.ops import NB201_PRIMITIVES
 from oneshot.spaces.nb201 import EDGES, NB201Cell, NB201Network
@@ -102,6 +121,23 @@ def tenas_score_nb201(
 
 
 __all__ = [
+    "HIGHER_IS_BETTER",
+    "PROXIES",
+    "SpaceScores",
+    "best_by_rank_sum",
+    "fisher",
+    "flops",
+    "grad_norm",
+    "grasp",
+    "jacob_cov",
+    "loss_proxies",
+    "naswot",
+    "params",
+    "rank_sum",
+    "score_space",
+    "snip",
+    "synflow",
+    "zen",
     "DartsMetricNet",
     "NB201SingleCell",
     "activation_patterns",

@@ -11,8 +11,10 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from oneshot.arch import Arch
 from oneshot.genotypes import DartsGenotype, NB201Genotype
 from oneshot.spaces.darts import DartsNetwork, DartsSupernet
+from oneshot.spaces.model import ModelSpace, fixed_network
 from oneshot.spaces.nb201 import NB201Network, nb201_network
 
 
@@ -33,6 +35,8 @@ def register_space(name: str, supernet: type[nn.Module], genotype: type, build_n
 
 register_space("nb201", NB201Network, NB201Genotype, nb201_network)
 register_space("darts", DartsSupernet, DartsGenotype, DartsNetwork)
+# Issue 15: a user's own model with oneshot.nn choices; its "genotype" is an Arch {label: value}.
+register_space("model", ModelSpace, Arch, fixed_network)
 
 
 def get_space(name: str) -> Space:
@@ -54,5 +58,5 @@ def build_network(genotype, **kwargs) -> nn.Module:
     return space_of(genotype).build_network(genotype, **kwargs)
 
 
-__all__ = ["SPACES", "DartsNetwork", "DartsSupernet", "NB201Network", "build_network", "get_space",
+__all__ = ["SPACES", "DartsNetwork", "DartsSupernet", "ModelSpace", "NB201Network", "build_network", "get_space",
            "nb201_network", "register_space", "space_of"]

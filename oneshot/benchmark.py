@@ -1,0 +1,94 @@
+"""Benchmark tables: read-only lookups of a cell's trained accuracy (NAS-Bench-201).
+
+``BenchmarkTable.load(path)`` reads either a CSV with an ``arch`` column (NB201's canonical
+strings, ``|op~0|+|op~0|op~1|+|op~0|op~1|op~2|``) and accuracy columns, or the official
+NAS-Bench-201 ``.pth`` file through the ``nas_201_api`` package (``pip install
+'oneshot[nb201]'``). ``lookup(genotype)`` gives ``{column: accuracy}`` or ``None`` for an arch
+the table does not have. The search logs these per epoch (``lightning_modules/benchmark.py``);
+nothing in the product needs a table to run (Dong & Yang, "NAS-Bench-201", ICLR 2020).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+from oneshot.validate import ConfigError
+
+# Columns logged by default: accuracies named like the shared table's (cifar10_test, ...).
+ACCURACY_SUFFIXES = ("_test", "_valid", "_acc", "_accuracy")
+# The official API's datasets and the names we log them under (its 200-epoch, seed-mean numbers).
+OFFICIAL = {
+    "cifar10_valid": ("cifar10-valid", "valid-accuracy"),
+    "cifar10_test": ("cifar10", "test-accuracy"),
+    "cifar100_valid": ("cifar100", "valid-accuracy"),
+    "cifar100_test": ("cifar100", "test-accuracy"),
+    "imagenet16_valid": ("ImageNet16-120", "valid-accuracy"),
+    "imagenet16_test": ("ImageNet16-120", "test-accuracy"),
+}
+
+
+class BenchmarkError(ConfigError):
+    """A table that cannot be used: one line naming the file and what is wrong."""
+
+
+class BenchmarkTable:
+    def __init__(self, rows: dict[str, dict[str, float]] | None, path: Path, api=None):
+        self.rows, self.path, self.api = rows, Path(path), api
+
+    @classmethod
+    def load(cls, path, columns: list[str] | None = None) -> BenchmarkTable:
+        path = Path(path)
+        if not path.is_file():
+            raise BenchmarkError(f"benchmark.path={path} not found; give a CSV with an 'arch' column "
+                                 "and accuracy columns, or the official NAS-Bench-201 .pth file")  # fmt: skip
+        if path.suffix in (".pth", ".pickle", ".pkl"):
+            return cls._official(path)
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            header = reader.fieldnames or []
+            if "arch" not in header:
+                raise BenchmarkError(f"benchmark.path={path} has no 'arch' column; its columns: {', '.join(header) or 'none'}")  # fmt: skip
+            wanted = columns or [c for c in header if c.endswith(ACCURACY_SUFFIXES)]
+            missing = [c for c in wanted if c not in header]
+            if missing or not wanted:
+                raise BenchmarkError(
+                    f"benchmark.path={path}: no accuracy column {', '.join(missing)}; valid: "
+                    + ", ".join(c for c in header if c != "arch")
+                )
+            rows = {}
+            for n, row in enumerate(reader, start=2):
+                try:
+                    rows[row["arch"].strip()] = {c: float(row[c]) for c in wanted}
+                except (TypeError, ValueError):
+                    raise BenchmarkError(f"benchmark.path={path} line {n}: not a number in {wanted}") from None
+        return cls(rows, path)
+
+    @classmethod
+    def _official(cls, path: Path) -> BenchmarkTable:
+        try:
+            from nas_201_api import NASBench201API
+        except ImportError:
+            raise BenchmarkError(f"benchmark.path={path} is an official NAS-Bench-201 file: "
+                                 "pip install 'oneshot[nb201]' (nas-bench-201) to read it, or give a CSV") from None  # fmt: skip
+        return cls(None, path, NASBench201API(str(path), verbose=False))
+
+    @property
+    def columns(self) -> list[str]:
+        return list(OFFICIAL) if self.rows is None else list(next(iter(self.rows.values()), {}))
+
+    def lookup(self, genotype) -> dict[str, float] | None:
+        arch = str(genotype)
+        if self.rows is not None:
+            return self.rows.get(arch)
+        index = self.api.query_index_by_arch(arch)
+        if index < 0:
+            return None
+        out = {}
+        for name, (dataset, key) in OFFICIAL.items():
+            info = self.api.get_more_info(index, dataset, hp="200", is_random=False)
+            value = info.get(key)
+            if value is not None and math.isfinite(value):
+                out[name] = float(value)
+        return out
