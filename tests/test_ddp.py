@@ -1,5 +1,6 @@
 """Multi-process search: 2 real CPU DDP processes (gloo, through the real ``oneshot-search``
-app) against 1 process, for DARTS first and second order and ENAS.
+app) against 1 process, for DARTS first and second order, ENAS, GDAS and DrNAS (SPOS:
+tests/test_spos.py, which also checks its evolution).
 
 The reference. DDP with per-rank batch B/2 averages the ranks' gradients, which is the gradient
 of the mean loss over the whole batch B *except* for BatchNorm: in train mode each rank
@@ -36,6 +37,8 @@ STRATEGIES = {
     # some CPUs' kernels; in float64 that noise is ~1e-12 and any real difference still shows.
     "darts2": ["strategy=darts", "strategy.order=2", "trainer.precision=64-true"],
     "enas": ["strategy=enas", "strategy.derive_samples=0"],
+    "gdas": ["strategy=gdas"],
+    "drnas": ["strategy=drnas"],
 }
 # What the architecture is made of: DARTS' alphas, ENAS' controller.
 ARCH_KEYS = ("supernet.alphas.", "controller.")

@@ -1,7 +1,6 @@
 """DrNAS (lightning_modules/drnas.py) against direct computations: samples on the simplex with the
 Dirichlet's mean, the KL term in closed form, derivation from the concentration's mean."""
 
-import json
 
 import pytest
 import torch
@@ -105,41 +104,6 @@ def test_bad_drnas_values_are_one_line(bad):
     cfg = oneshot.compose("search", ["strategy=drnas", bad])
     with pytest.raises(ConfigError, match=bad.split("=")[0].replace(".", r"\.")):
         check_values(cfg)
-
-
-# --- resume after SIGKILL and DDP, as tests/test_resume.py and tests/test_ddp.py do for DARTS ---
-@pytest.mark.slow
-def test_drnas_search_killed_mid_epoch_resumes_to_the_uninterrupted_result(tmp_path):
-    from test_resume import SEARCH, finish, run_killed_mid_epoch_then_resumed, start, state
-
-    args = [*SEARCH, "strategy=drnas"]
-    whole, killed = tmp_path / "whole", tmp_path / "killed"
-    finish(start("oneshot-search", whole, *args))
-    run_killed_mid_epoch_then_resumed("oneshot-search", killed, args)
-    a, b = state(whole / "checkpoints" / "last.ckpt"), state(killed / "checkpoints" / "last.ckpt")
-    assert a.keys() == b.keys()
-    diff = max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
-    assert diff < 1e-5, diff
-    assert (killed / "genotype.txt").read_text() == (whole / "genotype.txt").read_text()
-
-
-@pytest.mark.slow
-def test_drnas_two_processes_end_with_the_architecture_of_one(tmp_path, monkeypatch):
-    from test_ddp import WORLD, ddp_search, one_process_search
-
-    args = ["strategy=drnas"]
-    ddp_dir = ddp_search(tmp_path, args)
-    report = json.loads((ddp_dir / "report.json").read_text())
-    assert report["ddp"] == {"world_size": WORLD, "max_parameter_diff_across_ranks": 0.0}
-    ref = one_process_search(tmp_path / "ref", args, monkeypatch, ghost_bn=True)
-    a = torch.load(ddp_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
-    b = torch.load(tmp_path / "ref" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
-    # Every parameter, the alphas included: the same run, whatever the process count (BN's running
-    # statistics are rank 0's shard's under DDP, so they are not compared).
-    params = [k for k in a if k.startswith("supernet.") and "running_" not in k and "num_batches" not in k]
-    diff = max(float((a[k].double() - b[k].double()).abs().max()) for k in params)
-    assert diff < 1e-5, diff
-    assert ref["genotype"] == report["genotype"]
 
 
 @pytest.mark.slow

@@ -2,7 +2,6 @@
 forward is the sampled op alone, its alpha gradient the closed-form softmax gradient, the
 Gumbel-max draws follow softmax(alpha), and the temperature schedule is the authors' line."""
 
-import json
 import math
 
 import pytest
@@ -135,38 +134,3 @@ def test_tau_min_above_tau_max_and_auxiliary_skip_are_refused():
         GdasSearch(net, tau_max=0.1, tau_min=1.0)
     with pytest.raises(ValueError, match="auxiliary_skip"):
         GdasSearch(net, regularizer="auxiliary_skip")
-
-
-# --- resume after SIGKILL and DDP, as tests/test_resume.py and tests/test_ddp.py do for DARTS ---
-@pytest.mark.slow
-def test_gdas_search_killed_mid_epoch_resumes_to_the_uninterrupted_result(tmp_path):
-    from test_resume import SEARCH, finish, run_killed_mid_epoch_then_resumed, start, state
-
-    args = [*SEARCH, "strategy=gdas"]
-    whole, killed = tmp_path / "whole", tmp_path / "killed"
-    finish(start("oneshot-search", whole, *args))
-    run_killed_mid_epoch_then_resumed("oneshot-search", killed, args)
-    a, b = state(whole / "checkpoints" / "last.ckpt"), state(killed / "checkpoints" / "last.ckpt")
-    assert a.keys() == b.keys()
-    diff = max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
-    assert diff < 1e-5, diff
-    assert (killed / "genotype.txt").read_text() == (whole / "genotype.txt").read_text()
-
-
-@pytest.mark.slow
-def test_gdas_two_processes_end_with_the_architecture_of_one(tmp_path, monkeypatch):
-    from test_ddp import WORLD, ddp_search, one_process_search
-
-    args = ["strategy=gdas"]
-    ddp_dir = ddp_search(tmp_path, args)
-    report = json.loads((ddp_dir / "report.json").read_text())
-    assert report["ddp"] == {"world_size": WORLD, "max_parameter_diff_across_ranks": 0.0}
-    ref = one_process_search(tmp_path / "ref", args, monkeypatch, ghost_bn=True)
-    a = torch.load(ddp_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
-    b = torch.load(tmp_path / "ref" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
-    # Every parameter, the alphas included: the same run, whatever the process count (BN's running
-    # statistics are rank 0's shard's under DDP, so they are not compared).
-    params = [k for k in a if k.startswith("supernet.") and "running_" not in k and "num_batches" not in k]
-    diff = max(float((a[k].double() - b[k].double()).abs().max()) for k in params)
-    assert diff < 1e-5, diff
-    assert ref["genotype"] == report["genotype"]

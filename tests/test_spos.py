@@ -167,22 +167,6 @@ SMALL_SEARCH = ["strategy.population=6", "strategy.generations=2", "strategy.top
                 "strategy.n_crossover=2", "strategy.recalibration_batches=2", "strategy.eval_batches=2"]  # fmt: skip
 
 
-# --- resume after SIGKILL and DDP, as tests/test_resume.py and tests/test_ddp.py do for DARTS ---
-@pytest.mark.slow
-def test_spos_search_killed_mid_epoch_resumes_to_the_uninterrupted_result(tmp_path):
-    from test_resume import SEARCH, finish, run_killed_mid_epoch_then_resumed, start, state
-
-    args = [*SEARCH, "strategy=spos", *SMALL_SEARCH]
-    whole, killed = tmp_path / "whole", tmp_path / "killed"
-    finish(start("oneshot-search", whole, *args))
-    run_killed_mid_epoch_then_resumed("oneshot-search", killed, args)
-    a, b = state(whole / "checkpoints" / "last.ckpt"), state(killed / "checkpoints" / "last.ckpt")
-    assert a.keys() == b.keys()
-    diff = max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
-    assert diff < 1e-5, diff
-    assert (killed / "genotype.txt").read_text() == (whole / "genotype.txt").read_text()
-
-
 @pytest.mark.slow
 def test_spos_two_processes_end_with_the_architecture_of_one(tmp_path, monkeypatch):
     from test_ddp import WORLD, ddp_search, one_process_search
