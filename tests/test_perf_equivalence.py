@@ -65,7 +65,9 @@ def test_channels_last_supernet_equals_contiguous_one(space):
     out_fast.square().sum().backward()
     out_ref.square().sum().backward()
     for (name, a), b in zip(fast.named_parameters(), ref.parameters()):
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-3, atol=1e-5, msg=name)
+        # atol 5e-5: a conv bias before a non-affine BN has gradient 0 in exact arithmetic; the two
+        # layouts leave float32 rounding of ~1e-5 there (seen with one thread); real gradients are O(0.1).
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-3, atol=5e-5, msg=name)
 
 
 @pytest.mark.parametrize("space", ["nb201", "darts"])
