@@ -355,6 +355,10 @@ def test_every_ruled_key_exists_in_some_config():
 
     configs = [*CONFIGS.values(), oneshot.compose("retrain", ["genotype=NB201_RESNET"])]
     configs.append(oneshot.compose("search", ["space=darts", "strategy=tenas"]))
+    # Every strategy, warm start and benchmark config (GDAS' tau, SPOS' evolution, the proxies' metrics, ...).
+    conf = Path(oneshot.__file__).parent.parent / "conf"
+    for group in ("strategy", "warmstart", "benchmark"):
+        configs += [oneshot.compose("search", [f"{group}={p.stem}"]) for p in sorted((conf / group).glob("*.yaml"))]
     optional = {"data.image_size", "trainer.num_nodes"} | {f"strategy.{o}_optimizer.{k}" for o in "ac" for k in ("momentum", "weight_decay")}
     missing = [k for k in RULES if k not in optional
                and all(OmegaConf.select(c, k, default="<absent>") == "<absent>" for c in configs)]  # fmt: skip
