@@ -39,8 +39,8 @@ from oneshot.prune import average_masked_ops, prune
 from oneshot.spaces import NB201Network
 
 ALL_OPS = {"weights": {"cell": [(1, 2, 3, 4)] * 6}}  # every NB201 op but `none`, every edge
-SAMPLE = Path("/work/shared/data/cifar10_sample.npz")
-ACCURACY = Path("/work/shared/data/nb201_accuracy.csv")
+SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10_sample.npz"  # ../shared beside the checkout
+ACCURACY = SAMPLE.parent / "nb201_accuracy.csv"
 CIFAR10_MEAN, CIFAR10_STD = (125.3, 123.0, 113.9), (63.0, 62.1, 66.7)  # reference, 0..255 scale
 
 

@@ -15,11 +15,11 @@ autograd) replayed alone at its own shape and layout, summed (``step_convs_alone
 the library's kernels need for exactly these convs, with no framework around them.
 
 NNI is not a dependency of this project: its side runs ``bench/nni_step.py`` under the python of
-a separate venv (default ``/work/nni-venv``; ``--nni-python`` or ``$NNI_PYTHON`` to change), made
+a separate venv (default ``$HOME/nni-venv``; ``--nni-python`` or ``$NNI_PYTHON`` to change), made
 with the same torch as ours, since the torch version alone moves step time by about 25%:
 
-    python3 -m venv /work/nni-venv
-    /work/nni-venv/bin/pip install torch==2.14.1 lightning==2.6.6 pytorch-lightning==2.6.6 nni==3.0
+    python3 -m venv $HOME/nni-venv
+    $HOME/nni-venv/bin/pip install torch==2.14.1 lightning==2.6.6 pytorch-lightning==2.6.6 nni==3.0
 
     .venv/bin/python bench/vs_nni.py                      # both spaces, 2 rounds x 3 steps each
     .venv/bin/python bench/vs_nni.py --spaces nb201 --rounds 1 --steps 2
@@ -197,7 +197,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps per process")
     parser.add_argument("--warmup", type=int, default=1, help="untimed first steps per process")
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds of all runs")
-    parser.add_argument("--nni-python", default=os.environ.get("NNI_PYTHON", "/work/nni-venv/bin/python"))
+    parser.add_argument("--nni-python", default=os.environ.get("NNI_PYTHON", os.path.expanduser("~/nni-venv/bin/python")))
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
