@@ -10,10 +10,10 @@
   reference's thin network (one C=1 cell) over 3,000 one-channel 3x3 crops;
 * ``prune``: wall time of ``oneshot.prune.prune("nb201", ...)`` at the reference sizes (NTK
   network C=3, N=1, batch 72; 3,000 crops) with ``--num-inits`` initialisations (1), and, when
-  ``/work/shared/data/nb201_accuracy.csv`` is there, the benchmark's CIFAR-10 test accuracy of
+  ``../shared/data/nb201_accuracy.csv`` is there, the benchmark's CIFAR-10 test accuracy of
   the genotype it picks.
 
-Images: the 100 CIFAR-10 test images of ``/work/shared/data/cifar10_sample.npz`` if present
+Images: the 100 CIFAR-10 test images of ``../shared/data/cifar10_sample.npz`` if present
 (normalised with the CIFAR-10 statistics the reference uses), else Gaussian noise.
 """
 
@@ -159,7 +159,7 @@ def main() -> None:
 
 def benchmark_accuracy(arch: str) -> dict:
     """NAS-Bench-201's CIFAR-10 test accuracy of ``arch`` and the share of the 15,625 cells it
-    beats, from ``/work/shared/data/nb201_accuracy.csv`` when present (bench only)."""
+    beats, from ``../shared/data/nb201_accuracy.csv`` when present (bench only)."""
     if not ACCURACY.is_file():
         return {}
     import csv

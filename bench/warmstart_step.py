@@ -6,7 +6,7 @@
     .venv/bin/python bench/warmstart_step.py --spaces darts --survivors darts=run/warmstart.json
 
 1. The survivors: ``oneshot.prune.prune`` to ``--keep`` ops per edge on the real CIFAR-10 images
-   of ``/work/shared/data/cifar10_sample.npz`` (Gaussian noise without it), with the reference's
+   of ``../shared/data/cifar10_sample.npz`` (Gaussian noise without it), with the reference's
    metric networks and ``--num-inits`` / ``--ntk-batch`` / ``--n-crops`` (defaults cheaper than
    the reference's so the bench stays short; the survivors are TE-NAS picks all the same), or
    the ``survivors`` of a run's ``warmstart.json`` (``--survivors space=FILE``).
