@@ -23,8 +23,8 @@ search: install  ## the whole pipeline on the embedded default: search, derive, 
 retrain: install
 	$(VENV)/bin/oneshot-retrain $(ARGS)
 
-test: install  ## the full test suite, slow end-to-end tests included
-	$(VENV)/bin/pytest $(ARGS)
+test: install  ## the full test suite, slow end-to-end tests included, one worker per core (pytest-xdist)
+	$(VENV)/bin/pytest -n auto --dist loadfile --durations=30 $(ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
