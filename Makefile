@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml
 	  echo "note: graphviz not installed; cell pictures fall back to matplotlib"
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev,sweep,onnx]'
+	$(PY) -m pip install --quiet -e '.[dev,sweep,onnx,nb201]'
 	touch $@
 
 install: $(VENV)/.installed

@@ -3,22 +3,24 @@
 ``space=mobilenet`` (oneshot/spaces/mobilenet.py, searched as ``ModelSpace``) and the NB201
 supernet, each with first-order DARTS and ENAS, batch 64 of 32x32 RGB images, 10 classes: the
 step is the strategy's own ``arch_step`` + ``weight_step`` (DARTS) or a weight step through one
-sampled path + a REINFORCE controller step (ENAS), as bench/search_step.py times them. Every
-configuration runs in its own process (its own peak RSS); configurations alternate per round.
+sampled path + a REINFORCE controller step (ENAS), timed by bench/search_step.py's ``time_steps``.
+Every configuration runs in its own process (its own peak RSS); configurations alternate per
+round (``alternate``). ``activations_saved_mb``: what autograd keeps for the backward of one
+training forward (parameters left out), the part of the peak memory that grows with the batch.
 
     .venv/bin/python bench/model_space_step.py                          # mobilenet cpu + paper, nb201
     .venv/bin/python bench/model_space_step.py --mobilenet cpu --steps 3 --rounds 2
+    .venv/bin/python bench/model_space_step.py --mobilenet paper --partial 1 4 --strategies darts1  # PC-DARTS
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
-import subprocess
 import sys
-import time
+
+from search_step import alternate, time_steps  # bench/ is this script's directory
 
 MOBILENET = {
     "paper": {"width_mult": 1.0, "stages": [[24, 4, 2], [40, 4, 2], [80, 4, 2], [96, 4, 1], [192, 4, 2], [320, 1, 1]],
@@ -38,12 +40,14 @@ def build(space: str, strategy: str, device: str):
     if space == "nb201":
         supernet = NB201Network(C=16, N=5, num_classes=10, in_channels=3)
     else:
-        size = space.split("-")[1]
+        size, *pc = space.split("-")[1:]  # mobilenet-paper, or mobilenet-paper-pc4: PC-DARTS K=4
         config = {"_target_": "oneshot.spaces.mobilenet.MobileNetSpace", **MOBILENET[size]}
-        supernet = ModelSpace(config, num_classes=10, in_channels=3, image_size=32)
+        k = int(pc[0][2:]) if pc else 1
+        supernet = ModelSpace(config, num_classes=10, in_channels=3, image_size=32, partial_channels=k)
     supernet = supernet.to(device)
     if strategy == "darts1":
         module = DartsSearch(supernet, order=1)
+        forward = supernet  # the softmax of the alphas: every candidate runs
         opts = (torch.optim.SGD(supernet.weight_parameters(), 0.025, momentum=0.9, weight_decay=3e-4),
                 torch.optim.Adam(supernet.arch_parameters(), 3e-4, betas=(0.5, 0.999), weight_decay=1e-3))  # fmt: skip
 
@@ -62,9 +66,35 @@ def build(space: str, strategy: str, device: str):
             module.weight_step(train, sample.weights, w_opt)
             module.controller_step(val, c_opt, generator=generator)
 
+        def forward(x):  # one sampled path
+            with torch.no_grad():
+                weights = module.controller.sample(torch.Generator().manual_seed(0)).weights
+            return supernet(x, weights)
+
     module.manual_backward = lambda loss: loss.backward()  # no Trainer: plain autograd
     module.log = lambda *a, **k: None
-    return step, supernet.num_weight_parameters()
+    return step, forward, supernet
+
+
+def activations_saved_mb(forward, x, parameters) -> float:
+    """MB of the distinct tensors autograd keeps for the backward of one training forward, the
+    parameters left out: the activations a step holds at its peak (DARTS keeps every
+    candidate's, ENAS one path's)."""
+    import torch
+
+    params = {p.untyped_storage().data_ptr() for p in parameters}
+    kept = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = forward(x)
+    del out
+    return round(sum(kept.values()) / 2**20, 1)
 
 
 def run_one(
@@ -75,29 +105,12 @@ def run_one(
     torch.manual_seed(0)
     if threads:
         torch.set_num_threads(threads)
-    step, params = build(space, strategy, device)
-
-    def batch_():
-        return torch.randn(batch, 3, 32, 32, device=device), torch.randint(
-            0, 10, (batch,), device=device
-        )
-
-    train, val = batch_(), batch_()
-    times = []
-    for i in range(warmup + steps):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        step(train, val)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    out = {"times": times, "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-           "threads": torch.get_num_threads(), "supernet_weight_parameters": params}  # fmt: skip
-    if device.startswith("cuda"):
-        out["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-    return out
+    step, forward, supernet = build(space, strategy, device)
+    out = time_steps(step, batch, steps, warmup, device)
+    x = torch.randn(batch, 3, 32, 32, device=device)
+    saved = activations_saved_mb(forward, x, supernet.parameters())
+    params = supernet.num_weight_parameters()
+    return {**out, "activations_saved_mb": saved, "supernet_weight_parameters": params}
 
 
 def main() -> None:
@@ -109,6 +122,8 @@ def main() -> None:
         "--strategies", nargs="+", default=["darts1", "enas"], choices=["darts1", "enas"]
     )
     parser.add_argument("--no-nb201", action="store_true", help="skip the NB201 reference")
+    parser.add_argument("--partial", nargs="+", type=int, default=[1],
+                        help="PC-DARTS K values for mobilenet (its same-width blocks; 1 = full channels)")  # fmt: skip
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per process")
     parser.add_argument("--warmup", type=int, default=1)
@@ -129,30 +144,20 @@ def main() -> None:
             )
         )
         return
-    spaces = [f"mobilenet-{m}" for m in args.mobilenet] + ([] if args.no_nb201 else ["nb201"])
+    spaces = [f"mobilenet-{m}" + (f"-pc{k}" if k > 1 else "") for m in args.mobilenet for k in args.partial]
+    spaces += [] if args.no_nb201 else ["nb201"]
     configs = [(s, st) for s in spaces for st in args.strategies]
-    results = {c: {"times": [], "peak_rss_mb": 0.0} for c in configs}
-    for _ in range(args.rounds):
-        for space, strategy in configs:
-            cmd = [sys.executable, __file__, "--one", f"{space}:{strategy}", "--batch", str(args.batch), "--steps",
-                   str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads), "--device", args.device]  # fmt: skip
-            one = json.loads(
-                subprocess.run(cmd, capture_output=True, text=True, check=True)
-                .stdout.strip()
-                .splitlines()[-1]
-            )
-            print(json.dumps({"run": [space, strategy], **one}), file=sys.stderr, flush=True)
-            r = results[(space, strategy)]
-            r["times"] += one["times"]
-            r["peak_rss_mb"] = max(r["peak_rss_mb"], one["peak_rss_mb"])
-            r.update(threads=one["threads"], params=one["supernet_weight_parameters"])
-            if "peak_gpu_mb" in one:
-                r["peak_gpu_mb"] = max(r.get("peak_gpu_mb", 0.0), one["peak_gpu_mb"])
+    runs = alternate(__file__, [f"{s}:{st}" for s, st in configs], args.rounds,
+                     ["--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
+                      "--threads", str(args.threads), "--device", args.device])  # fmt: skip
+    results = {(s, st): runs[f"{s}:{st}"] for s, st in configs}
     for (space, strategy), r in results.items():
         print(json.dumps({
             "bench": "model_space_step", "space": space, "strategy": strategy, "batch": args.batch, "image": 32,
-            "supernet_weight_parameters": r["params"], "median_step_s": round(statistics.median(r["times"]), 3),
-            "n_steps": len(r["times"]), "peak_rss_mb": r["peak_rss_mb"], "threads": r["threads"], "device": args.device,
+            "supernet_weight_parameters": r["supernet_weight_parameters"],
+            "median_step_s": round(statistics.median(r["times"]), 3), "n_steps": len(r["times"]),
+            "peak_rss_mb": r["peak_rss_mb"], "activations_saved_mb": r["activations_saved_mb"], "threads": r["threads"],
+            "device": args.device,
             **({"peak_gpu_mb": r["peak_gpu_mb"]} if "peak_gpu_mb" in r else {}),
         }))  # fmt: skip
 

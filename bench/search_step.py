@@ -98,6 +98,14 @@ def run_one(space: str, strategy: str, batch: int, steps: int, warmup: int, thre
     if threads:
         torch.set_num_threads(threads)
     step = build(space, strategy, SIZES[space], partial, device)
+    return time_steps(step, batch, steps, warmup, device)
+
+
+def time_steps(step, batch: int, steps: int, warmup: int, device: str = "cpu") -> dict:
+    """``step(train, val)`` on two fixed random batches (``batch`` 32x32 RGB images, 10 classes),
+    ``warmup`` untimed then ``steps`` timed runs: their seconds, this process's peak RSS, the
+    torch threads, and on CUDA the peak GPU memory. Shared by bench/model_space_step.py."""
+    import torch
 
     def batch_():
         return torch.randn(batch, 3, 32, 32, device=device), torch.randint(0, 10, (batch,), device=device)
@@ -122,6 +130,27 @@ def run_one(space: str, strategy: str, batch: int, steps: int, warmup: int, thre
     return out
 
 
+def alternate(script: str, configs: list[str], rounds: int, args: list[str]) -> dict[str, dict]:
+    """Every configuration in its own process (``script --one CONFIG *args``, which prints its
+    ``time_steps`` dict as the last line), all of them round after round, so a noisy machine
+    slows them alike. Per configuration: the timed steps of every round, the peak RSS (and GPU
+    memory) over the rounds, and the other fields of its last run. Progress goes to stderr."""
+    results = {c: {"times": [], "peak_rss_mb": 0.0} for c in configs}
+    for _ in range(rounds):
+        for config in configs:
+            cmd = [sys.executable, script, "--one", config, *args]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+            one = json.loads(out)
+            print(json.dumps({"run": config, **one}), file=sys.stderr, flush=True)  # progress, raw
+            r = results[config]
+            r["times"] += one.pop("times")
+            for key in ("peak_rss_mb", "peak_gpu_mb"):
+                if key in one:
+                    r[key] = max(r.get(key, 0.0), one.pop(key))
+            r.update(one)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--spaces", nargs="+", default=["nb201", "darts"])
@@ -144,21 +173,10 @@ def main() -> None:
 
     configs = [(s, st, k) for s in args.spaces for st in args.strategies for k in args.partial
                if k == 1 or (s == "darts" and st.startswith("darts"))]  # fmt: skip
-    results = {c: {"times": [], "peak_rss_mb": 0.0} for c in configs}
-    for _ in range(args.rounds):
-        for space, strategy, k in configs:
-            cmd = [sys.executable, __file__, "--one", f"{space}:{strategy}:{k}", "--batch", str(args.batch),
-                   "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads),
-                   "--device", args.device]  # fmt: skip
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
-            one = json.loads(out)
-            print(json.dumps({"run": [space, strategy, k], **one}), file=sys.stderr, flush=True)  # progress, raw
-            r = results[(space, strategy, k)]
-            r["times"] += one["times"]
-            r["peak_rss_mb"] = max(r["peak_rss_mb"], one["peak_rss_mb"])
-            r["threads"] = one["threads"]
-            if "peak_gpu_mb" in one:
-                r["peak_gpu_mb"] = max(r.get("peak_gpu_mb", 0.0), one["peak_gpu_mb"])
+    runs = alternate(__file__, [f"{s}:{st}:{k}" for s, st, k in configs], args.rounds,
+                     ["--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
+                      "--threads", str(args.threads), "--device", args.device])  # fmt: skip
+    results = {(s, st, k): runs[f"{s}:{st}:{k}"] for s, st, k in configs}
     medians = {}
     for (space, strategy, k), r in results.items():
         medians[(space, strategy, k)] = statistics.median(r["times"])

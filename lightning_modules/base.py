@@ -124,6 +124,8 @@ class SearchModule(RebuildFromConfig, pl.LightningModule):
 
     #: Clip the weight step's gradient to this norm (0: off); see ``on_before_optimizer_step``.
     grad_clip: float = 0.0
+    #: Issue 17: the run's ``oneshot.cost.budget.BudgetPenalty`` (set by the pipeline), or None.
+    budget = None
 
     def forward(self, x, weights=None):
         return self.supernet(x, weights)
@@ -228,6 +230,8 @@ class SearchModule(RebuildFromConfig, pl.LightningModule):
 
     def on_fit_start(self):
         self._fit_clock = time.perf_counter()
+        if self.budget is not None:  # issue 17: one cost table for all DDP ranks (rank 0's)
+            self.budget.sync_ranks()
 
     def search_seconds(self) -> float:
         """Wall seconds of the whole search so far, across every process that resumed it."""
@@ -237,7 +241,11 @@ class SearchModule(RebuildFromConfig, pl.LightningModule):
     def on_save_checkpoint(self, checkpoint):
         checkpoint["genotypes"] = list(self.genotypes)
         checkpoint["search_seconds"] = self.search_seconds()
+        if self.budget is not None:  # issue 17: the budget's multiplier, so a resume continues it exactly
+            checkpoint["budget"] = self.budget.state_dict()
 
     def on_load_checkpoint(self, checkpoint):
         self.genotypes = list(checkpoint.get("genotypes", []))
         self.search_seconds_before = float(checkpoint.get("search_seconds", 0.0))
+        if self.budget is not None and "budget" in checkpoint:
+            self.budget.load_state_dict(checkpoint["budget"])

@@ -35,7 +35,7 @@ def load_benchmark(cfg: DictConfig) -> BenchmarkTable | None:
     if space != "nb201":
         raise BenchmarkError(f"benchmark={bench.name} holds NAS-Bench-201 cells; it needs space=nb201, not space={space}")  # fmt: skip
     if OmegaConf.is_missing(bench, "path") or not bench.get("path"):
-        raise BenchmarkError(f"benchmark={bench.name} needs benchmark.path=FILE (a CSV with 'arch' and accuracy columns)")  # fmt: skip
+        raise BenchmarkError(f"benchmark={bench.name} needs benchmark.path=FILE (a CSV with 'arch' and accuracy columns, or the official NAS-Bench-201 .pth)")  # fmt: skip
     columns = bench.get("columns")
     return BenchmarkTable.load(bench.path, list(columns) if columns else None)
 

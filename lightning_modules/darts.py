@@ -156,6 +156,7 @@ class DartsSearch(SearchModule):
             if penalty is not None:
                 grads = [g + p for g, p in zip(grads, torch.autograd.grad(penalty, arch, allow_unused=True,
                                                                           materialize_grads=True))]  # fmt: skip
+            grads = self.budget_gradients(grads, loss_val)
             for a, g in zip(arch, grads):
                 a.grad = g
         else:
@@ -173,6 +174,7 @@ class DartsSearch(SearchModule):
                 arch = self.supernet.arch_parameters()
                 extra = torch.autograd.grad(penalty, arch, allow_unused=True, materialize_grads=True)
                 hypergrad = [g + p for g, p in zip(hypergrad, extra)]
+            hypergrad = self.budget_gradients(hypergrad, loss_val)
             for a, g in zip(self.supernet.arch_parameters(), hypergrad):
                 a.grad = g
         self.check_finite(loss_val, "validation loss of the architecture step")
@@ -180,7 +182,33 @@ class DartsSearch(SearchModule):
         # so trainer.max_steps would count both steps of a search step. (These gradients come from
         # autograd.grad, never loss-scaled, so skipping the precision plugin's unscale is right.)
         getattr(a_opt, "optimizer", a_opt).step()
+        if self.budget is not None:  # dual ascent on the multiplier, from the cost before this step
+            self.log("budget/expected", float(self._budget_expected))
+            self.log("budget/multiplier", self.budget.step(self._budget_expected))
         return loss_val
+
+    def budget_probs(self) -> dict:
+        """The architecture distribution the budget's expected cost is taken under, with its
+        gradient (DrNAS: its Dirichlet means)."""
+        return self.arch_probs()
+
+    def budget_gradients(self, grads, loss_val):
+        """Issue 17: ``grads`` (of the validation loss) with the budget term's share added
+        (oneshot/cost/budget.py); unchanged without a budget or while the term is inactive."""
+        if self.budget is None:
+            return grads
+        expected = self.budget.expected(self)
+        self._budget_expected = expected.detach()
+        if self.budget.loss == "fbnet":  # its gradient carries the loss's value: the same on every DDP rank
+            loss_val = all_reduce_mean([loss_val.detach().reshape(1)])[0].reshape(())
+        factor, extra = self.budget.terms(expected, loss_val)
+        if factor is not None:  # fbnet: CE * s differentiates to s dCE + CE ds
+            grads = [factor * g for g in grads]
+        if extra is not None:
+            arch = self.supernet.arch_parameters()
+            extra = torch.autograd.grad(extra, arch, allow_unused=True, materialize_grads=True)
+            grads = [g + e for g, e in zip(grads, extra)]
+        return grads
 
     def weight_step(self, train_batch, w_opt):
         x, y = train_batch
@@ -209,4 +237,6 @@ class DartsSearch(SearchModule):
     def on_train_epoch_end(self):
         self.lr_schedulers().step()
         self.log("search/w_lr", self.optimizers()[0].param_groups[0]["lr"])
+        if self.budget is not None:  # the cost of what would be derived now, within budget
+            self.log("budget/derived", self.budget.cost.of_genotype(self.budget.within_budget(self, self.derive_genotype())))
         self.log_architecture()

@@ -131,6 +131,10 @@ class DrnasSearch(DartsSearch):
             out[t] = conc / conc.sum(-1, keepdim=True)
         return out
 
+    def budget_probs(self) -> dict[str, torch.Tensor]:
+        """Issue 17: the Dirichlet means with their gradient (the budget's expected cost is under them)."""
+        return {t: concentration(a) / concentration(a).sum(-1, keepdim=True) for t, a in self.supernet.alphas.items()}
+
     def derive_genotype(self):
         logits = {t: p.clamp_min(1e-30).log() for t, p in self.arch_probs().items()}
         with alphas_replaced(self.supernet, logits):

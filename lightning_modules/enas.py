@@ -88,8 +88,14 @@ class EnasSearch(SearchModule):
         derive_samples: int = 100,
         derive_batches: int = 1,
         seed: int = 0,
+        budget_reward: str = "hard",
+        tunas_beta: float = -0.07,
     ):
         super().__init__(supernet)
+        if budget_reward not in ("hard", "tunas") or not tunas_beta < 0:
+            raise ValueError(f"budget.reward={budget_reward} / strategy.tunas_beta={tunas_beta}: valid: hard or tunas, "
+                             "and a beta < 0 (TuNAS: -0.07)")  # fmt: skip
+        self.budget_reward, self.tunas_beta = budget_reward, tunas_beta
         if controller_every < 1 or controller_steps_per_batch < 1:
             raise ValueError(
                 f"strategy.controller_every ({controller_every}) and strategy.controller_steps_per_batch "
@@ -164,6 +170,7 @@ class EnasSearch(SearchModule):
         # reward, and the same number on every rank, so all ranks move the baseline alike and the
         # loss (same sample, same reward) is identical everywhere.
         (reward,) = all_reduce_mean([reward])
+        reward = self.budgeted_reward(reward, sample.genotype)  # issue 17: the same on every rank
         loss = self.reinforce.loss(sample, reward)
         c_opt.zero_grad()
         # manual_backward, not loss.backward(): under DDP each backward must be announced to its
@@ -178,6 +185,25 @@ class EnasSearch(SearchModule):
         else:
             c_opt.step()
         return sample, reward
+
+    def budgeted_reward(self, reward: torch.Tensor, genotype) -> torch.Tensor:
+        """Issue 17: the reward of a sample under the budget (``self.budget``, set by the
+        pipeline; none: unchanged). ``hard``: an over-budget sample earns 0, the reward of a
+        network that classifies nothing, so the controller learns to avoid the region; the
+        baseline, a moving average of rewards, falls while the policy samples there, so the
+        first feasible samples get large advantages. A sample within budget keeps its accuracy,
+        so a budget the policy never exceeds changes nothing. ``tunas``: TuNAS' absolute reward
+        (Bender et al., CVPR 2020), ``acc + beta * |cost / budget - 1|`` with ``beta < 0``: it
+        pulls the cost to the budget from both sides, so it acts under any budget."""
+        if self.budget is None:
+            return reward
+        from oneshot.cost.model import fits
+
+        cost = self.budget.cost.of_genotype(genotype)
+        self._sample_cost = cost
+        if self.budget_reward == "tunas":
+            return reward + self.tunas_beta * abs(cost / self.budget.max - 1.0)
+        return reward if fits(cost, self.budget.max) else torch.zeros_like(reward)
 
     def training_step(self, batch, batch_idx):
         w_opt, c_opt = self.optimizers()
@@ -203,6 +229,8 @@ class EnasSearch(SearchModule):
         self.log("enas/epoch_reward", reward, on_step=False, on_epoch=True)
         self.log("enas/baseline", self.reinforce.baseline.clone())
         self.log("enas/entropy", sample.entropy.detach())
+        if self.budget is not None:
+            self.log("budget/sample_cost", float(self._sample_cost))
 
     def on_validation_epoch_start(self):
         self._val_arch = self.controller.most_likely()
@@ -257,6 +285,30 @@ class EnasSearch(SearchModule):
             out.setdefault(t, []).append((row, dict(zip(self.supernet.candidates[t][e], probs))))
         return out
 
+    def arch_probs(self) -> dict[str, torch.Tensor]:
+        """Per cell type, ``[n_edges, n_ops]`` op probabilities along the policy's most likely path:
+        what a budgeted derivation ranks architectures by when no sampled one fits (the supernet's
+        own alphas are never trained by ENAS). An edge that path does not use (DARTS: inputs not
+        chosen) gets the uniform row, so a budget can still reach it, behind the chosen ones."""
+        greedy = self.controller.most_likely()
+        probs = {
+            t: torch.full((len(c), len(c[0])), 1.0 / len(c[0])) for t, c in self.supernet.candidates.items()
+        }
+        inputs, edges = {}, cell_edges(self.controller.steps) if self.controller.space == "darts" else None
+        seen: dict[str, int] = {}
+        for d in greedy.decisions:
+            t, rest = d.name.rsplit("/", 1) if self.controller.space == "model" else d.name.split("/", 1)
+            if edges is None:  # NB201 and model spaces: one op decision per edge, in edge order
+                e = seen[t] = seen.get(t, -1) + 1
+            else:
+                node, slot = rest.split("/")
+                if slot.startswith("input"):
+                    inputs[(t, node, slot[5:])] = d.choice
+                    continue
+                e = edges.index((int(node), inputs[(t, node, slot[2:])]))
+            probs[t][e] = torch.softmax(d.logits.detach().double().cpu(), -1).to(probs[t].dtype)
+        return probs
+
     def current_genotype(self):
         return self.controller.most_likely().genotype
 
@@ -289,6 +341,12 @@ class EnasSearch(SearchModule):
         with torch.no_grad():
             samples = [self.controller.sample(generator) for _ in range(self.derive_samples)]
         candidates = {str(s.genotype): s for s in samples}  # each distinct genotype once
+        if self.budget is not None:  # issue 17: only samples within budget (none: the pipeline re-derives)
+            from oneshot.cost.model import fits
+
+            fitting = {g: s for g, s in candidates.items() if fits(self.budget.cost.of_genotype(s.genotype), self.budget.max)}
+            self.derived["over_budget"] = len(candidates) - len(fitting)
+            candidates = fitting or candidates
         scores = {g: self.score(s.weights, batches) for g, s in candidates.items()}
         best = max(candidates, key=lambda g: (scores[g], float(candidates[g].log_prob)))
         self.derived.update(best_sampled=best, scores=scores)

@@ -4,7 +4,8 @@
 softmaxed alphas (ENAS: of its policy) and the picture of each derived cell, as
 ``RUN_DIR/plots/epochs/epoch_XXX_{alphas,cell}_<cell>.png`` plus a latest copy
 ``RUN_DIR/plots/{alphas,cell}_<cell>.png`` - whatever the logger, so a CSV user sees them too.
-With W&B the same PNGs are logged as images (``pictures/alphas/<cell>``, ``pictures/cell/<cell>``)
+A model space (issue 15) has no cell: its derived architecture is ``epoch_XXX_arch.png`` / ``arch.png``.
+With W&B the same PNGs are logged as images (``pictures/alphas/<cell>``, ``pictures/cell/<cell>``, ``pictures/arch``)
 with a table of the genotype after every epoch (``arch/genotypes``).
 
 ``finish_pictures``: at the end of a stage, everything ``oneshot-plot`` draws (curves, alpha
@@ -52,13 +53,18 @@ class ArchitecturePictures(Callback):
             pictures[f"alphas/{cell}"] = plots.png_bytes(plots.heatmap_figure(rows, title))
         for cell, png in plots.cell_pictures(genotype, self.use_dot).items():
             pictures[f"cell/{cell}"] = png
+        # issue 15: a model space's derived architecture (it has no cell)
+        arch = plots.arch_picture(genotype, f"architecture after epoch {epoch}")
+        if arch is not None:
+            pictures["arch"] = arch
         paths = {}
         for key, png in pictures.items():
-            what, cell = key.split("/")
+            what, _, cell = key.partition("/")
+            name = f"{what}_{cell}" if cell else what
             paths[key] = plots.write_bytes(
-                self.plots_dir / "epochs" / f"epoch_{epoch:03d}_{what}_{cell}.png", png
+                self.plots_dir / "epochs" / f"epoch_{epoch:03d}_{name}.png", png
             )
-            plots.write_bytes(self.plots_dir / f"{what}_{cell}.png", png)
+            plots.write_bytes(self.plots_dir / f"{name}.png", png)
         wandb = wandb_loggers(trainer.loggers)
         if not wandb:
             return

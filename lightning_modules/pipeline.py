@@ -95,6 +95,9 @@ def search(cfg: DictConfig) -> dict:
         candidates, warmstart_report = run_warmstart(cfg, datamodule, run_dir)
     supernet = build_supernet(cfg, info, candidates)
     module = instantiate(cfg.strategy, supernet=supernet, _convert_="partial")
+    from oneshot.cost.budget import budget_from_cfg
+
+    module.budget = budget_from_cfg(cfg, supernet, info)  # issue 17: None without budget.max; a budget none meets stops here
     strategy_cfg = OmegaConf.to_container(cfg.strategy, resolve=True)
     strategy_cfg.pop("_target_")
     record_hparams(module, **strategy_cfg, supernet=supernet_config(cfg, info, candidates))  # DartsSearch.load_from_checkpoint(...)
@@ -113,6 +116,9 @@ def search(cfg: DictConfig) -> dict:
             trainer.fit(module, datamodule=datamodule, ckpt_path=search_from)
         # Derived first: a search that runs after training (SPOS' evolution, ENAS' scoring) is search time.
         genotype = module.derive_genotype()
+        budget_report = None
+        if module.budget is not None:  # issue 17: the written architecture is always within budget
+            genotype, budget_report = module.budget.enforce(module, genotype)
         # The whole search: warm start and training, summed over a killed run and its resumes.
         training_free = getattr(module, "training_free", False)
         search_seconds = time.perf_counter() - start if training_free else module.search_seconds()
@@ -126,6 +132,7 @@ def search(cfg: DictConfig) -> dict:
             "genotypes_per_epoch": list(module.genotypes),
             "warmstart": warmstart_report,
             **({"benchmark": accuracies(benchmark, genotype)} if benchmark is not None else {}),  # issue 18
+            **({"budget": budget_report} if budget_report is not None else {}),  # issue 17
             **({"ddp": ranks} if ranks else {}),
         }
         if trainer.is_global_zero:
@@ -156,8 +163,26 @@ def search(cfg: DictConfig) -> dict:
             _finish(retrain_loggers, exit_code=1)
             raise
         _finish(retrain_loggers)
+    if trainer.is_global_zero:  # issue 17: what the result costs, against the budget
+        report["cost"] = _result_cost(cfg, module, genotype, info, report.get("retrain"))
+        atomic_write_json(run_dir / "report.json", report)
     _print_summary(report, run_dir)
     return report
+
+
+def _result_cost(cfg, module, genotype, info, retrained: dict | None) -> dict:
+    """Issue 17: the retrained network's cost (else the derived network's at ``space.network``'s
+    sizes, which cost the same untrained), with the budget's verdict when there is a budget."""
+    from oneshot.result_cost import against_budget, result_cost
+
+    cost = (retrained or {}).get("cost")
+    if cost is None:
+        network_kwargs = OmegaConf.to_container(cfg.space.network, resolve=True)
+        network = build_network(genotype, num_classes=info.num_classes, in_channels=info.in_channels,
+                                image_size=info.image_size, **network_kwargs)  # fmt: skip
+        cost = result_cost(network, (info.in_channels, info.image_size, info.image_size), cfg)
+    budget = getattr(module, "budget", None)
+    return against_budget(cost, budget, genotype) if budget is not None else cost
 
 
 def retrain(cfg: DictConfig) -> dict:
@@ -177,6 +202,8 @@ def retrain(cfg: DictConfig) -> dict:
     try:
         report = {"genotype": str(genotype), "space": genotype.space}
         report["retrain"] = retrain_genotype(genotype, cfg, run_dir, network_kwargs, loggers, _ckpt(cfg, run_dir, "retrain"))
+        if report["retrain"].get("cost") is not None:  # issue 17
+            report["cost"] = report["retrain"]["cost"]
         finish_pictures(loggers, run_dir, report, draw=pictures_enabled(cfg))
     except BaseException:
         _finish(loggers, exit_code=1)
@@ -245,6 +272,17 @@ def retrain_genotype(genotype, cfg, out_dir: Path, network_kwargs: dict, loggers
         from oneshot.lightning_modules.runs import atomic_save
 
         atomic_save(export, out_dir / "network.pt")
+        atomic_write_json(out_dir / "report.json", result)
+        # Issue 17: deployable files (ONNX, TorchScript) with their parity and latency, once the weights are safe.
+        from oneshot.lightning_modules.retrain import export_retrained
+
+        exported = export_retrained(network, out_dir, cfg, rcfg.get("export", ["onnx", "torchscript"]),
+                                    (info.in_channels, info.image_size, info.image_size), trainer.fast_dev_run)  # fmt: skip
+        if exported is not None:
+            result["export"] = exported
+        from oneshot.result_cost import result_cost
+
+        result["cost"] = result_cost(network, (info.in_channels, info.image_size, info.image_size), cfg, exported)
         atomic_write_json(out_dir / "report.json", result)
     return result
 
@@ -387,5 +425,14 @@ def _print_summary(report: dict, run_dir: Path) -> None:
         r = report["retrain"]
         lines.append(f"retrain time: {r['retrain_seconds']} s ({r['parameters']:,} parameters)")
         lines.append(f"test accuracy: {r['test_acc']}")
+    from oneshot.export import summary_lines
+    from oneshot.result_cost import cost_lines
+
+    if isinstance(report.get("cost"), dict):  # issue 17
+        lines += cost_lines(report["cost"])
+    exported = (report.get("retrain") or {}).get("export") or {}
+    if "pytorch" in exported:
+        lines += [line for line in summary_lines(exported, run_dir if "search_seconds" not in report else run_dir / "retrain")
+                  if not line.startswith("pytorch:")]  # fmt: skip
     lines.append(f"run directory: {run_dir}")
     log.info("\n".join(lines))

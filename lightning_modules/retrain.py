@@ -98,3 +98,38 @@ class Retrain(RebuildFromConfig, pl.LightningModule):
         opt = self.optimizer(params=self.network.parameters())
         epochs = max(1, self.trainer.max_epochs or 1)
         return {"optimizer": opt, "lr_scheduler": CosineAnnealingLR(opt, T_max=epochs, eta_min=self.lr_min)}
+
+
+def export_retrained(network: torch.nn.Module, out_dir, cfg, formats, input_shape, fast_dev_run=False) -> dict | None:
+    """Issue 17: the retrained network as ``model.onnx`` and ``model.pt`` (TorchScript) beside its
+    ``network.pt``, each checked against it on the run's test images and timed with the latency
+    protocol (``cost.device``, ``cost.batch_size``, ``cost.threads``, ``cost.warmup``,
+    ``cost.repeats`` where the config has them). ``retrain.export=[]`` turns it off, and a
+    ``trainer.fast_dev_run`` (a debugging run, which writes no checkpoints either) skips it. A
+    format that fails, or ONNX without the ``onnx`` extra, is said and recorded, never fatal: the
+    weights are already saved."""
+    from omegaconf import OmegaConf
+
+    from oneshot.export import PARITY_IMAGES, export_network, missing_onnx_packages
+    from oneshot.result_cost import latency_protocol
+    from oneshot.run_network import real_inputs
+
+    formats = list(formats or [])
+    if formats and fast_dev_run:
+        info("exports skipped: trainer.fast_dev_run is a debugging run (oneshot-export RUN_DIR writes them)")
+        return {"skipped": "trainer.fast_dev_run"}
+    missing = missing_onnx_packages() if "onnx" in formats else []
+    skipped = {}
+    if missing:
+        info(f"ONNX export skipped: it needs {', '.join(missing)} (pip install 'oneshot[onnx]'; "
+             "retrain.export=[torchscript] to export TorchScript only)")  # fmt: skip
+        formats.remove("onnx")
+        skipped["onnx"] = {"file": None, "error": f"not installed: {', '.join(missing)}"}
+    if not formats:
+        return skipped or None
+
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    inputs, described = real_inputs(data, PARITY_IMAGES, input_shape)
+    report = export_network(network, out_dir, inputs, formats, inputs_description=described, keep_going=True,
+                            **latency_protocol(cfg))  # fmt: skip
+    return {**report, **skipped}

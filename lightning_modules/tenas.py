@@ -31,8 +31,11 @@ class TenasSearch(SearchModule):
         self.result, self.report = None, None
 
     def search_without_training(self, datamodule, run_dir: Path) -> dict:
+        # Issue 17: with a budget (set by the pipeline) no prune leaves a supernet whose cheapest
+        # architecture is over it, so the one architecture left at the end is within budget.
+        budget = (self.budget.cost, self.budget.max) if self.budget is not None else None
         self.result, self.report = run_prune(
-            self.supernet, datamodule, 1, self.options, run_dir, "tenas", "strategy"
+            self.supernet, datamodule, 1, self.options, run_dir, "tenas", "strategy", budget=budget
         )
         return self.report
 

@@ -188,10 +188,11 @@ def _in_supernet_order(survivors: dict, supernet) -> dict:
 
 
 def run_prune(supernet, datamodule, keep: int, options: PruneOptions, run_dir: Path, stem: str,
-              group: str) -> tuple[PruneResult, dict]:  # fmt: skip
+              group: str, budget: tuple | None = None) -> tuple[PruneResult, dict]:  # fmt: skip
     """Prune ``supernet``'s space to ``keep`` ops per edge on the datamodule's training images;
     write ``<stem>.json``/``.csv`` (rank 0); return the result and a small report. ``group``:
-    the config group of the options, for error messages."""
+    the config group of the options, for error messages. ``budget`` (issue 17): ``(cost model,
+    budget.max)``, so no pruned supernet's cheapest architecture is over budget (``prune``)."""
     info = datamodule.info
     space = tenas_space_of(supernet, info.num_classes, info.in_channels, options.networks)
     check_keep(keep, space, f"{group}.keep")  # before any data is loaded
@@ -209,7 +210,7 @@ def run_prune(supernet, datamodule, keep: int, options: PruneOptions, run_dir: P
             n_crops=options.n_crops, crop_size=options.crop_size, ops_per_round=options.ops_per_round,
             precision=options.precision, method=options.method,
             progress=options.progress and rank_zero_only.rank == 0, metrics=list(options.metrics),
-            targets=_labels_if_needed(datamodule, options),
+            targets=_labels_if_needed(datamodule, options), budget=budget,
         )  # fmt: skip
     seconds = time.perf_counter() - start
     if dist.is_available() and dist.is_initialized():  # a group exists already: rank 0 decides
@@ -259,7 +260,15 @@ def run_warmstart(cfg: DictConfig, datamodule, run_dir: Path) -> tuple[dict, dic
     with torch.device("meta"):  # the structure only: no memory, no initialisation
         supernet = build_supernet(cfg, datamodule.info)
     check_warmstart_keep(keep, supernet, options.networks)  # before any data is loaded
+    budget = None
+    if OmegaConf.select(cfg, "budget.max", default=None) is not None:
+        # Issue 17: the warm start never leaves a supernet whose cheapest architecture is over
+        # budget; the costs come from the full supernet (a real one: latency is measured on it).
+        from oneshot.cost.budget import budget_from_cfg
+
+        penalty = budget_from_cfg(cfg, build_supernet(cfg, datamodule.info), datamodule.info)
+        budget = (penalty.cost, penalty.max)
     result, report = run_prune(
-        supernet, datamodule, keep, options, run_dir, "warmstart", "warmstart"
+        supernet, datamodule, keep, options, run_dir, "warmstart", "warmstart", budget=budget
     )
     return result.survivors, report

@@ -3,7 +3,8 @@
 ``BenchmarkTable.load(path)`` reads either a CSV with an ``arch`` column (NB201's canonical
 strings, ``|op~0|+|op~0|op~1|+|op~0|op~1|op~2|``) and accuracy columns, or the official
 NAS-Bench-201 ``.pth`` file through the ``nas_201_api`` package (``pip install
-'oneshot[nb201]'``). ``lookup(genotype)`` gives ``{column: accuracy}`` or ``None`` for an arch
+'oneshot[nb201]'``), which we hand the file's contents after unpickling them ourselves with
+``weights_only=True``. ``lookup(genotype)`` gives ``{column: accuracy}`` or ``None`` for an arch
 the table does not have. The search logs these per epoch (``lightning_modules/benchmark.py``);
 nothing in the product needs a table to run (Dong & Yang, "NAS-Bench-201", ICLR 2020).
 """
@@ -62,7 +63,9 @@ class BenchmarkTable:
                 try:
                     rows[row["arch"].strip()] = {c: float(row[c]) for c in wanted}
                 except (TypeError, ValueError):
-                    raise BenchmarkError(f"benchmark.path={path} line {n}: not a number in {wanted}") from None
+                    raise BenchmarkError(
+                        f"benchmark.path={path} line {n}: not a number in {wanted}"
+                    ) from None
         return cls(rows, path)
 
     @classmethod
@@ -72,7 +75,25 @@ class BenchmarkTable:
         except ImportError:
             raise BenchmarkError(f"benchmark.path={path} is an official NAS-Bench-201 file: "
                                  "pip install 'oneshot[nb201]' (nas-bench-201) to read it, or give a CSV") from None  # fmt: skip
-        return cls(None, path, NASBench201API(str(path), verbose=False))
+        # The API would torch.load the path itself, with the pickle's full powers under older
+        # torch (no weights_only): a file a user hands us must never run code. So we unpickle it
+        # here, restricted to plain containers, numbers, strings and tensors (what the official
+        # file holds: the state dicts of its ArchResults/ResultsCount), and give the API the dict,
+        # which it accepts in place of a path (it deep-copies it: twice the file's size at peak).
+        import torch
+
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any unreadable or unsafe file is one line
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise BenchmarkError(f"benchmark.path={path} is not a NAS-Bench-201 file we can read safely "
+                                 f"(plain data only): {reason:.200}") from None  # fmt: skip
+        keys = ("meta_archs", "arch2infos", "evaluated_indexes")
+        if not isinstance(data, dict) or any(k not in data for k in keys):
+            found = ", ".join(map(str, data)) if isinstance(data, dict) else type(data).__name__
+            raise BenchmarkError(f"benchmark.path={path} is not a NAS-Bench-201 file: it needs the keys "
+                                 f"{', '.join(keys)}; it has {found or 'none':.200}")  # fmt: skip
+        return cls(None, path, NASBench201API(data, verbose=False))
 
     @property
     def columns(self) -> list[str]:
@@ -87,7 +108,10 @@ class BenchmarkTable:
             return None
         out = {}
         for name, (dataset, key) in OFFICIAL.items():
-            info = self.api.get_more_info(index, dataset, hp="200", is_random=False)
+            try:
+                info = self.api.get_more_info(index, dataset, hp="200", is_random=False)
+            except (KeyError, ValueError):  # this cell was not trained on that dataset
+                continue
             value = info.get(key)
             if value is not None and math.isfinite(value):
                 out[name] = float(value)

@@ -4,11 +4,15 @@ The drawing follows the DARTS repository's ``visualize.py``: a DARTS cell reads 
 cells' outputs ``c_{k-2}``, ``c_{k-1}``, each intermediate node sums two ops of earlier nodes,
 and the output ``c_{k}`` concatenates the ``concat`` nodes. An NB201 cell is a 4-node DAG where
 every node sums one op per earlier node; ``none`` edges are left out, as they compute zero.
+
+A model space's architecture ``{label: value}`` (issue 15) has no cell: ``arch_figure`` draws it
+as a table of its decisions, or, for ``space=mobilenet``, as a block diagram of its stages.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import subprocess
 
@@ -156,4 +160,103 @@ def cell_png(graph: dict, title: str = "", use_dot: bool = True) -> bytes:
 
     buf = io.BytesIO()
     draw_matplotlib(graph, title).savefig(buf, format="png", dpi=80)
+    return buf.getvalue()
+
+
+# ---- a model space's derived architecture (issue 15) ---------------------------------------------
+
+_BLOCK_LABEL = re.compile(r"s(\d+)b(\d+)")  # space=mobilenet's labels: stage s, block b
+_MBCONV = re.compile(r"k(\d+)e(\d+)")  # its candidates: kernel k, expansion e (or "skip")
+KERNEL_COLORS = {3: "#b4d7f0", 5: "#6fa8dc", 7: "#2f6fa8"}
+
+
+def arch_rows(arch) -> list[tuple[str, str, str]]:
+    """One ``(label, kind, chosen)`` row per decision of an architecture ``{label: value}``; the
+    kind follows from the value: a candidate name (LayerChoice), a list of inputs (InputChoice),
+    a depth (Repeat)."""
+    from oneshot.arch import load_arch
+
+    rows = []
+    for label, value in load_arch(arch).items():
+        if isinstance(value, list):
+            rows.append((label, "inputs", " + ".join(map(str, value))))
+        elif isinstance(value, int):
+            rows.append((label, "depth", str(value)))
+        else:
+            rows.append((label, "candidate", value))
+    return rows
+
+
+def mobilenet_blocks(arch) -> dict[int, list[tuple[int, int | None, int | None]]] | None:
+    """``{stage: [(block, kernel, expansion)]}`` (``None, None``: the block is skipped) when every
+    label is ``s<stage>b<block>`` and every value ``k<kernel>e<expansion>`` or ``skip``, as in
+    ``space=mobilenet``; None for any other architecture."""
+    from oneshot.arch import load_arch
+
+    stages: dict[int, list] = {}
+    for label, value in load_arch(arch).items():
+        block, mb = _BLOCK_LABEL.fullmatch(label), _MBCONV.fullmatch(str(value))
+        if block is None or not (mb or value == "skip"):
+            return None
+        k, e = (int(mb[1]), int(mb[2])) if mb else (None, None)
+        stages.setdefault(int(block[1]), []).append((int(block[2]), k, e))
+    return {s: sorted(blocks) for s, blocks in sorted(stages.items())} or None
+
+
+def arch_figure(arch, title: str = ""):
+    """The derived architecture of a model space: for ``space=mobilenet`` a block diagram (a row
+    per stage, a box per block labelled ``MB<expansion> <k>x<k>`` as ProxylessNAS draws them,
+    coloured by kernel, skipped blocks dashed); for any other model a table, one row per label."""
+    from matplotlib.figure import Figure
+    from matplotlib.patches import FancyBboxPatch
+
+    stages = mobilenet_blocks(arch)
+    if stages is None:
+        rows = arch_rows(arch)
+        fig = Figure(figsize=(6.0, 0.6 + 0.28 * (len(rows) + 1)))
+        ax = fig.add_subplot()
+        ax.set_axis_off()
+        table = ax.table(cellText=[list(r) for r in rows], colLabels=["decision", "kind", "chosen"],
+                         bbox=[0, 0, 1, 1], cellLoc="left", colLoc="left")  # fmt: skip
+        table.auto_set_font_size(False)
+        table.set_fontsize(9)
+        for (r, _), cell in table.get_celld().items():
+            cell.set_facecolor("#dce6f0" if r == 0 else "white")
+        ax.set_title(title, fontsize=10)
+        fig.tight_layout()
+        return fig
+    width = max(len(blocks) for blocks in stages.values())
+    fig = Figure(figsize=(2.2 + 1.5 * width, 0.9 + 0.75 * len(stages)))
+    ax = fig.add_subplot()
+    for row, (stage, blocks) in enumerate(stages.items()):
+        y = -row
+        kept = sum(k is not None for _, k, _ in blocks)
+        label = f"stage {stage}\n{kept}/{len(blocks)} blocks"
+        ax.text(-0.3, y, label, ha="right", va="center", fontsize=8)
+        for col, (_, k, e) in enumerate(blocks):
+            skipped = k is None
+            ax.add_patch(FancyBboxPatch((col + 0.06, y - 0.3), 0.88, 0.6, boxstyle="round,pad=0.02",
+                                        fc="white" if skipped else KERNEL_COLORS.get(k, "#cccccc"),
+                                        ec="0.55" if skipped else "0.2", ls="--" if skipped else "-"))  # fmt: skip
+            text = "skip" if skipped else f"MB{e} {k}x{k}"
+            dark = not skipped and k >= 7
+            ax.text(col + 0.5, y, text, ha="center", va="center", fontsize=8,
+                    color="white" if dark else ("0.45" if skipped else "black"))  # fmt: skip
+            if col:
+                arrow = {"arrowstyle": "-|>", "color": "0.4"}
+                ax.annotate("", (col + 0.06, y), (col - 0.06, y), arrowprops=arrow)
+    ax.set_xlim(-1.4, width)
+    ax.set_ylim(-len(stages) + 0.4, 0.6)
+    ax.set_axis_off()
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def arch_png(arch, title: str = "") -> bytes:
+    """``arch_figure`` as PNG bytes."""
+    import io
+
+    buf = io.BytesIO()
+    arch_figure(arch, title).savefig(buf, format="png", dpi=80)
     return buf.getvalue()

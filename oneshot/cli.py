@@ -399,3 +399,10 @@ def retrain_main() -> None:
     """``oneshot-retrain``."""
     sys.argv[1:] = retrain_model_overrides(sys.argv[1:])
     _with_rewritten_argv(_retrain_app)
+
+
+def export_main() -> None:
+    """``oneshot-export RUN_DIR`` (issue 17): the run's network as ONNX and TorchScript files."""
+    from oneshot.export import main
+
+    main()

@@ -260,6 +260,24 @@ def resolve(spec) -> Genotype:
 _MAX_GENOTYPE_FILE = 1 << 16
 
 
+def random_genotype(supernet, rng) -> Genotype:
+    """A uniformly drawn architecture of an NB201 or DARTS supernet (``rng``: a ``random.Random``):
+    NB201 one candidate per edge; DARTS two distinct inputs per node, a non-``none`` op on each."""
+    if set(supernet.candidates) == {"cell"}:
+        return NB201Genotype.from_edge_ops([rng.choice(c) for c in supernet.candidates["cell"]])
+    cells = []
+    for t in ("normal", "reduce"):
+        pairs, start = [], 0
+        for node in range(supernet.steps):
+            for j in rng.sample(range(node + 2), 2):
+                ops = [o for o in supernet.candidates[t][start + j] if o != "none"]
+                pairs.append((rng.choice(ops), j))
+            start += node + 2
+        cells.append(tuple(pairs))
+    concat = tuple(range(2 + supernet.steps - supernet.multiplier, supernet.steps + 2))
+    return DartsGenotype(cells[0], concat, cells[1], concat)
+
+
 def _read_genotype_file(spec: str, path: Path) -> Genotype:
     """The genotype in a file, or an error that names the file but never shows what it holds:
     ``genotype=`` may point at any readable file, and its contents must not end up in a log."""

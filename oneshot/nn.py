@@ -20,6 +20,13 @@ are chosen). So every strategy treats every kind alike (DARTS: a softmax over th
 one controller step; TE-NAS: prune names), and the derived value of an InputChoice is always a
 valid set of ``n_chosen`` inputs.
 
+A LayerChoice whose candidates keep the channel count may give them as *factories*
+(``channels -> module``: a function, a lambda, a ``functools.partial``) with ``channels=C``: a
+plain search and a fixed network build them at ``C``; a PC-DARTS search (``partial_channels(K)``,
+``ModelSpace(..., partial_channels=K)``; Xu et al., ICLR 2020) builds them at ``C/K`` and runs
+them on the first ``C/K`` channels, the rest bypass the choice, then a channel shuffle, exactly
+as ``oneshot.mixed.MixedOp(partial=K)`` does on the cell spaces' edges.
+
 Unlabelled choices are numbered in construction order (``layerchoice_1``, ``inputchoice_1``,
 ``repeat_1``) from where a ``ModelSpace`` or ``fixed_arch`` starts building the model; give
 labels when you build the model yourself and mean to fix it later.
@@ -36,9 +43,11 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from oneshot.arch import ArchError
+from oneshot.mixed import channel_shuffle
 
 _FIXED: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
     "oneshot_fixed_arch", default=None
@@ -52,6 +61,21 @@ _USED: contextvars.ContextVar[set | None] = contextvars.ContextVar(
     "oneshot_used_labels", default=None
 )
 _LABEL = re.compile(r"[A-Za-z0-9_.\-]+")
+# PC-DARTS' K for LayerChoices of factories built in a `partial_channels` block; 1 elsewhere.
+_PARTIAL: contextvars.ContextVar[int] = contextvars.ContextVar("oneshot_partial_channels", default=1)
+
+
+@contextlib.contextmanager
+def partial_channels(k: int):
+    """PC-DARTS: a LayerChoice of candidate factories built in this block builds them at 1/``k``
+    of its ``channels`` and sends only that share of the channels through them."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"partial_channels={k!r}; valid: an integer >= 1 (1 = every channel)")
+    token = _PARTIAL.set(k)
+    try:
+        yield
+    finally:
+        _PARTIAL.reset(token)
 
 
 @contextlib.contextmanager
@@ -185,7 +209,9 @@ class Choice(nn.Module):
 
 
 class LayerChoice(Choice):
-    """One of ``candidates`` (a list: names ``"0"``, ``"1"``, ...; or an ordered dict name -> module)."""
+    """One of ``candidates`` (a list: names ``"0"``, ``"1"``, ...; or an ordered dict name -> module).
+    Candidates that keep the channel count may be factories ``channels -> module`` (all of them,
+    with ``channels=C``): then PC-DARTS can build them at ``C/K`` (see the module docstring)."""
 
     kind = "layerchoice"
 
@@ -195,25 +221,32 @@ class LayerChoice(Choice):
         return cls._build(*args, **kwargs)
 
     @classmethod
-    def _build(cls, candidates, label=None):
+    def _build(cls, candidates, label=None, channels=None):
         label, value = _fixed_value(cls.kind, label)
         named = _named_candidates(candidates, label)
+        factories = _factories(named, label, channels)
         if value is not None:
             if value not in named:
                 raise ArchError(
                     f"arch[{label!r}]={value!r} is not a candidate of {label}; valid: {', '.join(named)}"
                 )
-            return named[value]
+            return named[value](channels) if factories else named[value]
+        k = _PARTIAL.get() if factories else 1
+        if channels is not None and channels % k:
+            raise ValueError(f"LayerChoice {label!r}: channels={channels} is not divisible by partial_channels={k}; "
+                             "valid: a K that divides every factory choice's channels")  # fmt: skip
         obj = nn.Module.__new__(cls)
-        object.__setattr__(obj, "_pending", (label, named))
+        object.__setattr__(obj, "_pending", (label, named, factories, channels, k))
         return obj
 
-    def __init__(self, candidates, label=None):
+    def __init__(self, candidates, label=None, channels=None):
         super().__init__()
-        self.label, named = self.__dict__.pop("_pending")
+        self.label, named, factories, self.channels, self.partial = self.__dict__.pop("_pending")
         self.names = tuple(named)
-        for name, module in named.items():
-            self.add_module(name, module)
+        # the factories themselves (plain attribute): fix() of a PC-DARTS supernet builds at `channels`
+        self.factories = named if factories else None
+        for name, candidate in named.items():
+            self.add_module(name, candidate(self.channels // self.partial) if factories else candidate)
 
     def restrict(self, names):
         super().restrict(names)
@@ -222,7 +255,39 @@ class LayerChoice(Choice):
                 del self._modules[name]  # pruned: no parameters, no compute
 
     def forward(self, *args, **kwargs):
-        return self._combine(self._entry(), lambda i: self._modules[self.names[i]](*args, **kwargs))
+        if self.partial == 1:
+            return self._combine(self._entry(), lambda i: self._modules[self.names[i]](*args, **kwargs))
+        # PC-DARTS, as MixedOp(partial=K): the first C/K channels through the candidates, the rest
+        # bypass them (max-pooled where the candidates halve the resolution), then a channel shuffle
+        (x,) = args
+        if x.shape[1] != self.channels:
+            raise ValueError(
+                f"LayerChoice {self.label!r} got {x.shape[1]} channels; it was built for channels={self.channels}"
+            )
+        k = self.channels // self.partial
+        head, bypass = x[:, :k], x[:, k:]
+        out = self._combine(self._entry(), lambda i: self._modules[self.names[i]](head))
+        if out.shape[-1] != x.shape[-1]:
+            bypass = F.max_pool2d(bypass, 2, 2, ceil_mode=True)
+        return channel_shuffle(torch.cat([out, bypass], dim=1), self.partial)
+
+
+def _factories(named, label, channels) -> bool:
+    """True when every candidate is a factory ``channels -> module`` (then ``channels`` is needed);
+    False when every one is a module."""
+    modules = [isinstance(c, nn.Module) for c in named.values()]
+    if all(modules):
+        if channels is not None:
+            raise ValueError(f"LayerChoice {label!r}: channels={channels} is for candidate factories; "
+                             "these candidates are modules (leave channels out)")  # fmt: skip
+        return False
+    if any(modules) or not all(callable(c) for c in named.values()):
+        raise ValueError(f"LayerChoice {label!r}: give every candidate as an nn.Module, or every one as a factory "
+                         "channels -> module (with channels=C); not a mix")  # fmt: skip
+    if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
+        raise ValueError(f"LayerChoice {label!r}: candidate factories need channels=C, the channel count they "
+                         f"keep (an integer >= 1); got channels={channels!r}")  # fmt: skip
+    return True
 
 
 def _named_candidates(candidates, label) -> OrderedDict:
@@ -235,9 +300,9 @@ def _named_candidates(candidates, label) -> OrderedDict:
     if not named:
         raise ValueError(f"LayerChoice {label!r} has no candidates")
     for name, module in named.items():
-        if not isinstance(module, nn.Module) or not _LABEL.fullmatch(name) or "." in name:
-            raise ValueError(f"LayerChoice {label!r}: candidate {name!r} must be an nn.Module with a name "
-                             "of letters, digits, '_' and '-'")  # fmt: skip
+        if not callable(module) or not _LABEL.fullmatch(name) or "." in name:
+            raise ValueError(f"LayerChoice {label!r}: candidate {name!r} must be an nn.Module (or a factory "
+                             "channels -> module) with a name of letters, digits, '_' and '-'")  # fmt: skip
     return named
 
 
@@ -443,4 +508,5 @@ __all__ = [
     "choices_of",
     "fixed_arch",
     "label_scope",
+    "partial_channels",
 ]

@@ -7,8 +7,10 @@ leaves, which is what ``oneshot-plot RUN_DIR`` does::
     RUN_DIR/plots/alphas_<cell>.png           softmaxed alphas (ENAS: the policy) after the last epoch
     RUN_DIR/plots/alpha_evolution_<cell>.png  every edge's op probabilities over the epochs
     RUN_DIR/plots/cell_<cell>.png             the derived cell(s) of genotype.txt
+    RUN_DIR/plots/arch.png                    a model space's derived architecture (issue 15)
     RUN_DIR/plots/curves.png                  search loss and accuracy (retrain_curves.png: retraining)
     RUN_DIR/plots/enas.png                    ENAS reward, baseline and entropies
+    RUN_DIR/plots/benchmark.png               the derived cell's benchmark accuracy per epoch (issue 18)
     RUN_DIR/plots/tenas_<cell>.png            TE-NAS changes of both metrics per op per pruning round
     RUN_DIR/plots/epochs/epoch_XXX_{alphas,cell}_<cell>.png   the same, after every search epoch
 
@@ -33,7 +35,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from oneshot.cell_pictures import cell_graphs, cell_png
+from oneshot.cell_pictures import arch_png, cell_graphs, cell_png
 from oneshot.genotypes import GenotypeError, parse
 from oneshot.run_files import (  # noqa: F401 - re-exported: plots.read_metrics(...) in notebooks
     ARCH_PREFIXES,
@@ -170,6 +172,49 @@ def curves_figure(
     return fig
 
 
+BENCHMARK_PREFIX = "benchmark/"  # issue 18: lightning_modules/benchmark.py logs these
+
+
+def benchmark_history(metrics: list[dict]) -> dict[str, list[tuple[int, float]]]:
+    """``benchmark/<column>`` -> [(epoch, accuracy)]: the table's accuracies of the cell the search
+    derived after each epoch (the last value logged for an epoch wins)."""
+    per_epoch: dict[str, dict[int, float]] = {}
+    for row in metrics:
+        for key, value in row.items():
+            if key.startswith(BENCHMARK_PREFIX) and "epoch" in row:
+                per_epoch.setdefault(key, {})[row["epoch"]] = value
+    return {key: sorted(points.items()) for key, points in per_epoch.items()}
+
+
+def benchmark_figure(metrics: list[dict], title: str = "") -> Figure | None:
+    """One panel per dataset (``cifar10_test`` and ``cifar10_valid`` share one), the derived
+    cell's benchmark accuracy against the epoch: NB201 papers' curve, the one that shows a
+    collapse to parameter-free cells. None when the run logged no ``benchmark/*``."""
+    history = benchmark_history(metrics)
+    if not history:
+        return None
+    panels: dict[str, list[str]] = {}
+    for key in sorted(history, key=natural):
+        column = key.removeprefix(BENCHMARK_PREFIX)
+        panels.setdefault(column.rsplit("_", 1)[0] if "_" in column else column, []).append(key)
+    fig = Figure(figsize=(3.8 * len(panels), 3.2))
+    for i, (dataset, keys) in enumerate(panels.items()):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        for key in keys:
+            xs, ys = zip(*history[key])
+            label = key.removeprefix(BENCHMARK_PREFIX)
+            ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, ms=3, label=label)
+        ax.set_title(dataset, fontsize=10)
+        ax.set_xlabel("epoch", fontsize=8)
+        ax.set_ylabel("benchmark accuracy (%)", fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.ticklabel_format(axis="y", useOffset=False)
+        ax.legend(fontsize=7)
+    fig.suptitle(title or "benchmark accuracy of the derived cell", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
 def tenas_figure(history: list[dict], cell_type: str) -> Figure:
     """Per pruning round, the relative change of the NTK condition number and of the number of
     linear regions when each op is removed (edges x ops); pruned ops are crossed out."""
@@ -212,16 +257,27 @@ def tenas_figure(history: list[dict], cell_type: str) -> Figure:
     return fig
 
 
+def is_model_arch(genotype) -> bool:
+    """Issue 15: a model space's architecture ``{label: value}`` (an ``Arch``, a dict or its JSON)."""
+    return getattr(genotype, "space", None) == "model" or isinstance(genotype, dict) or (
+        isinstance(genotype, str) and genotype.lstrip().startswith("{") and '"genotype"' not in genotype)  # fmt: skip
+
+
 def cell_pictures(genotype, use_dot: bool = True) -> dict[str, bytes]:
     """PNG bytes of each cell type's picture of ``genotype`` (a value or a string)."""
-    if getattr(genotype, "space", None) == "model" or (isinstance(genotype, str) and genotype.lstrip().startswith("{")
-                                                        and '"genotype"' not in genotype):  # fmt: skip
-        return {}  # issue 15: a model space's {label: value} has no cell to draw; its heatmaps show it
+    if is_model_arch(genotype):
+        return {}  # issue 15: a model space's {label: value} has no cell; arch_picture draws it
     g = parse(genotype) if isinstance(genotype, str) else genotype
     return {
         t: cell_png(graph, f"{g.space} {t}" if t == "cell" else f"{t} cell", use_dot)
         for t, graph in cell_graphs(g).items()
     }
+
+
+def arch_picture(genotype, title: str = "derived architecture") -> bytes | None:
+    """Issue 15: PNG bytes of a model space's derived architecture (``plots/arch.png``: a table of
+    its decisions, mobilenet's block diagram); None for a cell space's genotype."""
+    return arch_png(genotype, title) if is_model_arch(genotype) else None
 
 
 SEARCH_PANELS = {
@@ -280,6 +336,9 @@ def redraw(run_dir, epochs: bool = True, use_dot: bool = True) -> list[Path]:
                 written.append(
                     write_bytes(out / "epochs" / f"epoch_{epoch:03d}_cell_{safe_name(cell)}.png", png)
                 )
+            png = arch_picture(g, f"architecture after epoch {epoch}")  # issue 15: model spaces
+            if png is not None:
+                written.append(write_bytes(out / "epochs" / f"epoch_{epoch:03d}_arch.png", png))
     final = (
         (run_dir / "genotype.txt").read_text()
         if (run_dir / "genotype.txt").is_file()
@@ -288,6 +347,9 @@ def redraw(run_dir, epochs: bool = True, use_dot: bool = True) -> list[Path]:
     if final:
         for cell, png in cell_pictures(final, use_dot).items():
             written.append(write_bytes(out / f"cell_{safe_name(cell)}.png", png))
+        png = arch_picture(final)  # issue 15: model spaces
+        if png is not None:
+            written.append(write_bytes(out / "arch.png", png))
     for name, path, panels, title in (
         ("curves.png", run_dir / "metrics.csv", SEARCH_PANELS, "search"),
         ("enas.png", run_dir / "metrics.csv", ENAS_PANELS, "ENAS controller"),
@@ -305,6 +367,9 @@ def redraw(run_dir, epochs: bool = True, use_dot: bool = True) -> list[Path]:
         fig = curves_figure(rows, panels, title)
         if fig is not None:
             written.append(save_figure(fig, out / name))
+    fig = benchmark_figure(metrics)  # issue 18: benchmark=nb201 runs
+    if fig is not None:
+        written.append(save_figure(fig, out / "benchmark.png"))
     prune = prune_history(run_dir, report)
     for cell in dict.fromkeys(h.get("cell_type", "cell") for h in prune or []):
         # cell_type comes from warmstart.json/tenas.json: a crafted one must not name a path

@@ -404,15 +404,69 @@ def _replace(alive, t, e, entry):
     }
 
 
-def _first_per_group(order, cands, group, quota: dict) -> set[int]:
-    """The first ``quota[group(c)]`` candidates of each group, in ``order``."""
+def _first_per_group(order, cands, group, quota: dict, allowed=None) -> set[int]:
+    """The first ``quota[group(c)]`` candidates of each group, in ``order``; with ``allowed``
+    (issue 17) only those ``allowed(i, chosen so far)`` accepts."""
     taken, chosen = {}, set()
     for i in order:
         g = group(cands[i])
-        if taken.get(g, 0) < quota[g]:
+        if taken.get(g, 0) < quota[g] and (allowed is None or allowed(i, chosen)):
             taken[g] = taken.get(g, 0) + 1
             chosen.add(i)
     return chosen
+
+
+def budget_check(cost, budget: float) -> Callable[[dict], float]:
+    """Issue 17: ``cheapest(survivors)``, the least cost (``oneshot.cost.CostModel``, additive)
+    of any architecture a pruned supernet can still form - ``survivors``: per cell type, per edge
+    the op names left (None: an edge removed). Each decision of the space (an edge's op; a DARTS
+    node's two inputs with their ops) takes its cheapest option among the surviving ones."""
+    from oneshot.cost.derive import decision_groups
+
+    groups = decision_groups(cost)
+
+    def cheapest(survivors: dict) -> float:
+        total = cost.fixed
+        for g in groups:
+            options = [c for c, pick in zip(g.costs, g.picks)
+                       if all(survivors[t][e] is not None and cost.candidates[t][e][k] in survivors[t][e] for t, e, k in pick)]  # fmt: skip
+            if not options:
+                return math.inf
+            total += float(min(options))
+        return total
+
+    return cheapest
+
+
+def _within_budget(budget, names: dict, alive: dict):
+    """``allowed(cands, stage, i, chosen)`` for ``_first_per_group``: removing candidate ``i``
+    after ``chosen`` leaves a supernet whose cheapest architecture fits; None without a budget.
+    ``alive`` is read when called (the prune updates it in place)."""
+    if budget is None:
+        return None
+    from oneshot.cost.derive import BudgetError
+    from oneshot.cost.model import fits
+
+    cost, limit = budget
+    cheapest = budget_check(cost, limit)
+
+    def by_name(state):
+        return {t: [None if a is None else {names[t][e][o] for o in a} for e, a in enumerate(edges)]
+                for t, edges in state.items()}  # fmt: skip
+
+    start = cheapest(by_name(alive))
+    if not fits(start, limit):  # 'none' never survives a prune: the cheapest architecture without it
+        raise BudgetError(f"budget.max={limit:g} {cost.unit} is below the cheapest architecture TE-NAS can derive "
+                          f"(no 'none' op), {start:.6g} {cost.unit}")  # fmt: skip
+
+    def allowed(cands, stage, i, chosen):
+        state = {t: list(edges) for t, edges in alive.items()}
+        for j in (*chosen, i):
+            t, e, op = cands[j]
+            state[t][e] = None if stage == "edge" else tuple(o for o in state[t][e] if o != op)
+        return fits(cheapest(by_name(state)), limit)
+
+    return allowed
 
 
 def _count_rounds(space: TenasSpace, alive: dict, keep: int, per_round: int) -> int:
@@ -428,14 +482,17 @@ def prune(space: str | TenasSpace = "nb201", images: torch.Tensor | None = None,
           num_inits: int = 3, seed: int = 0, ntk_batch: int | None = None, n_crops: int = 3000,
           crop_size: int = 3, ops_per_round: int | None = None, precision: int = 3, method: str = "loop",
           progress: bool = False, metrics=("ntk", "regions"), targets: torch.Tensor | None = None,
-          **space_kwargs) -> PruneResult:  # fmt: skip
+          budget: tuple | None = None, **space_kwargs) -> PruneResult:  # fmt: skip
     """Prune ``space`` (a name in ``TENAS_SPACES``, sized by ``space_kwargs``, or a
     ``TenasSpace``) down to ``keep`` ops per edge, measuring on ``images`` (real training images,
     normalised as for training): the NTK on ``ntk_batch`` of them (default: the space's), the
     regions on ``n_crops`` one-channel ``crop_size`` crops. Deterministic given ``seed``.
     ``metrics`` (issue 18): any of ``oneshot.metrics.HIGHER_IS_BETTER``, ranked by the sum of
     their ranks; the zero-cost proxies are taken on the NTK network and batch (``targets``: that
-    batch's labels, drawn as the images are, for the loss-based ones). TE-NAS is the default."""
+    batch's labels, drawn as the images are, for the loss-based ones). TE-NAS is the default.
+    ``budget`` (issue 17): ``(cost model, budget.max)``; an op or edge whose removal would leave
+    a supernet whose cheapest architecture is over budget is kept and the next-ranked one goes
+    instead, so every pruned supernet - and the derived genotype - stays within budget."""
     if isinstance(space, str):
         space = TENAS_SPACES[space](**space_kwargs)
     if images is None:
@@ -446,6 +503,7 @@ def prune(space: str | TenasSpace = "nb201", images: torch.Tensor | None = None,
         for t, cands in names.items()
     }
     check_keep(keep, space)
+    allowed = _within_budget(budget, names, alive)
     batch, crops = (
         sample_images(images, ntk_batch or space.ntk_batch, seed),
         sample_images(images, n_crops, seed) if space.regions_on_images else random_crops(images, n_crops, crop_size, seed),
@@ -461,7 +519,7 @@ def prune(space: str | TenasSpace = "nb201", images: torch.Tensor | None = None,
         """Measure the variants, rank them, record the rows; the candidates to remove."""
         values, changes = meter(alive, variants, round_, f"TE-NAS round {round_} ({round_ + 1} of {rounds}, {stage}s)")
         order, ranks = combined_ranks(changes, metrics)
-        removed = _first_per_group(order, cands, group, quota)
+        removed = _first_per_group(order, cands, group, quota, allowed and partial(allowed, cands, stage))
         nan, none = [math.nan] * len(cands), [-1] * len(cands)  # a metric not measured
         k, dk = values.get("ntk", nan), changes.get("ntk", nan)
         r, dr = values.get("regions", nan), changes.get("regions", nan)

@@ -1,6 +1,9 @@
 """``oneshot-report DIR...``: the runs under some directories (single runs, ``-m`` multirun
 directories, or folders holding either) as one table, then the test accuracy's mean ± std over
-the runs that differ only by their seed: how much a result depends on its seed.
+the runs that differ only by their seed: how much a result depends on its seed. Runs that report a
+cost (issue 17: ``oneshot-search -m budget.max=a,b,c``) get a cost-and-accuracy table too, with the
+non-dominated runs marked and the front drawn to ``DIR/pareto.png`` (and to W&B, where the runs
+logged to it; ``oneshot.pareto``).
 
 Runs are compared like with like: they are grouped by every config value that differs between
 them (strategy, space, data, warm start, sizes, learning rates, ...), read from each run's
@@ -29,6 +32,7 @@ NOT_A_SETTING = (
     "seed", "name", "run_dir", "ckpt_path", "objective", "logger", "callbacks", "hparams_search",
     "space.presets", "data.root", "data.download", "data.num_workers", "trainer.enable_progress_bar",
     "trainer.enable_model_summary", "trainer.log_every_n_steps", "warmstart.progress", "strategy.progress",
+    "retrain.export", "cost.progress", "cost.cache_dir",  # issue 17: what is written or shown, not computed
 )  # fmt: skip
 
 
@@ -44,6 +48,7 @@ class Run:
     data: str = "?"
     sizes: str = "?"
     benchmark: dict = field(default_factory=dict, compare=False)  # issue 18: the final cell's benchmark accuracies
+    cost: dict = field(default_factory=dict, compare=False)  # issue 17: report.json "cost" (oneshot.export.result_cost)
 
 
 def find_runs(dirs) -> list[Run]:
@@ -126,8 +131,9 @@ def read_run(path: Path) -> Run:
     data = config.get("data") if isinstance(config.get("data"), dict) else {}
     bench = report.get("benchmark") if isinstance(report.get("benchmark"), dict) else {}  # issue 18
     bench = {k: v for k, v in bench.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    cost = report.get("cost") if isinstance(report.get("cost"), dict) else {}  # issue 17
     return Run(path, seed, strategy, space, genotype, test_acc, flatten(config), str(data.get("name", "?")),
-               _sizes(config, report), bench)  # fmt: skip
+               _sizes(config, report), bench, cost)  # fmt: skip
 
 
 def setting_keys(runs: list[Run]) -> list[str]:
@@ -204,11 +210,89 @@ def render(runs: list[Run], console) -> None:
     console.print(summary)
 
 
+# ---- issue 17: accuracy vs cost (oneshot/pareto.py) ----------------------------------------------
+
+
+def cost_metric(runs: list[Run]) -> str:
+    """The metric the runs were budgeted in, when they agree; else latency."""
+    metrics = {r.cost["budget"]["metric"] for r in runs if isinstance(r.cost.get("budget"), dict)}
+    return metrics.pop() if len(metrics) == 1 else "latency"
+
+
+def tradeoff(runs: list[Run], metric: str) -> tuple[list[tuple[float, float]], list[int], set[int]]:
+    """``(points, indices, front)``: (cost, test accuracy) of the runs that have both, their
+    indices in ``runs``, and which of the points are non-dominated."""
+    from oneshot.pareto import cost_value, non_dominated
+
+    points, indices = [], []
+    for i, r in enumerate(runs):
+        cost = cost_value(r.cost, metric)
+        if cost is not None and r.test_acc is not None:
+            points.append((cost, float(r.test_acc)))
+            indices.append(i)
+    return points, indices, non_dominated(points)
+
+
+def render_tradeoff(runs: list[Run], console, metric: str, pareto_png: Path | None) -> list | None:
+    """The cost table (every run; one without a cost or accuracy shows dashes) and, for two or
+    more runs with both, ``pareto_png``. Returns ``[columns, rows]`` when it drew the figure
+    (what W&B gets), else None."""
+    from rich.table import Table
+
+    from oneshot.pareto import METRICS, cost_value, pareto_figure
+
+    if not any(r.cost for r in runs):
+        return None
+    points, indices, front = tradeoff(runs, metric)
+    on_front = {indices[k] for k in front}
+    base = _base(runs)
+    columns = ["run", "budget", "params (M)", "MFLOPs", "latency (ms)", "test acc", "non-dominated"]
+    table = Table(title=f"cost and accuracy (front by {metric}, {METRICS[metric][0]})")
+    for col in columns:
+        table.add_column(col)
+    rows = []
+    for i, r in enumerate(runs):
+        values = [cost_value(r.cost, m) for m in ("params", "flops", "latency")]
+        row = [str(r.path.resolve().relative_to(base)), _budget(r.cost.get("budget")),
+               *("-" if v is None else f"{v:.4g}" for v in values), _acc(r.test_acc),
+               "*" if i in on_front else ""]  # fmt: skip
+        rows.append(row)
+        table.add_row(*row)
+    console.print(table)
+    if len(points) < 2:
+        console.print(f"no pareto figure: {len(points)} run(s) with both a cost and a test accuracy (needs 2)")
+        return None
+    if pareto_png is None:
+        return None
+    from oneshot.plots import save_figure
+
+    labels = [rows[i][0] for i in indices]
+    save_figure(pareto_figure(points, labels, front, metric), pareto_png)
+    console.print(f"pareto front: {len(front)} of {len(points)} runs non-dominated; figure: {pareto_png}")
+    return [columns, rows]
+
+
+def _budget(b) -> str:
+    try:
+        return f"{b['metric']} <= {float(b['max']):g} {b['unit']}"
+    except (KeyError, TypeError, ValueError):
+        return "-"
+
+
+def _base(runs: list[Run]) -> Path:
+    paths = [r.path.resolve() for r in runs]
+    base = Path(os.path.commonpath(paths))
+    return base.parent if len(paths) == 1 else base
+
+
 def main(argv=None) -> None:
     from rich.console import Console
 
     parser = argparse.ArgumentParser(prog="oneshot-report", description=__doc__.split("\n\n")[0])
     parser.add_argument("dirs", nargs="+", metavar="DIR", help="run or multirun directories")
+    parser.add_argument("--cost", choices=("latency", "flops", "params"), default=None,
+                        help="the cost axis of the accuracy-vs-cost front (default: the runs' budget metric, else latency)")
+    parser.add_argument("--pareto", metavar="PNG", default=None, help="where to draw the front (default: DIR/pareto.png)")
     args = parser.parse_args(argv)
     try:
         runs = find_runs(args.dirs)
@@ -216,7 +300,21 @@ def main(argv=None) -> None:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     # Wide enough for NB201 genotypes even when piped (rich defaults to 80 columns there).
-    render(runs, Console(width=None if sys.stdout.isatty() else 250))
+    console = Console(width=None if sys.stdout.isatty() else 250)
+    render(runs, console)
+    # Issue 17: each run's cost and accuracy, the non-dominated ones marked; pareto.png, and W&B.
+    png = Path(args.pareto) if args.pareto else Path(args.dirs[0]) / "pareto.png"
+    table = render_tradeoff(runs, console, args.cost or cost_metric(runs), png)
+    if table is not None:
+        from oneshot.pareto import log_to_wandb, wandb_settings
+
+        settings = wandb_settings([read_mapping(r.path / "config.yaml", yaml.safe_load) for r in runs], _base(runs))
+        if settings is not None:
+            try:
+                mode = log_to_wandb(settings, png, *table, png.parent)
+                console.print(f"logged to W&B ({mode}): group {settings['group']}, job type report")
+            except Exception as e:  # noqa: BLE001 - the report on the console stands without W&B
+                print(f"warning: could not log the front to W&B: {str(e).splitlines()[0][:200]}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -178,6 +178,77 @@ RULES.update({"warmstart.metrics": _METRICS, "strategy.metrics": _METRICS})
 # Issue 18: benchmark tables logged during the search (conf/benchmark/).
 RULES.update({"benchmark.name": choice("none", "nb201")})
 
+# issue 17 (A): cost measurement (conf/cost/) and budgets (conf/budget/); oneshot/cost/.
+def _cuda_ok(v) -> bool:
+    if v == "cpu":
+        return True
+    if v != "cuda":
+        return False
+    import torch  # only when cuda is asked for
+
+    return torch.cuda.is_available()
+
+
+RULES.update({
+    "cost.device": Rule("cpu, or cuda on a machine with a CUDA GPU (torch.cuda.is_available() is False here)",
+                        _cuda_ok),
+    "cost.batch_size": integer(1),
+    "cost.threads": integer(1, null="torch's current thread count"),
+    "cost.warmup": integer(0),
+    "cost.repeats": integer(1),
+    "cost.table": Rule("a path to a latency-*.json table, or null (measure here)",
+                       lambda v: v is None or (isinstance(v, str) and bool(v))),
+    "cost.cache_dir": Rule("a directory, or null ($XDG_CACHE_HOME/oneshot/cost)",
+                           lambda v: v is None or (isinstance(v, str) and bool(v))),
+    "cost.progress": Rule("true or false", lambda v: isinstance(v, bool)),
+    "cost.calibrate": integer(0),
+    "budget.metric": choice("latency", "flops", "params"),
+    "budget.max": number(0, open_low=True, null="no budget"),
+    "budget.loss": choice("hinge", "proxyless", "fbnet"),
+    "budget.reward": choice("hard", "tunas"),
+    "budget.dual_lr": number(0),
+    "budget.multiplier": number(0),
+})  # fmt: skip
+
+
+def check_cost_table(cfg: DictConfig) -> None:
+    """``cost.table=`` must be a latency table of this space and of ``cost.device``'s kind (its
+    shapes and sizes are compared when the supernet exists, still before any training)."""
+    import json
+
+    table = OmegaConf.select(cfg, "cost.table", default=None)
+    if not table:
+        return
+    path = Path(str(table)).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"cost.table={table}: no such file; valid: a latency-*.json table (a search's cost cache)")
+    try:
+        meta = json.loads(path.read_text())["meta"]
+        space, device = meta["space"], meta.get("device")
+    except (ValueError, KeyError, TypeError, OSError):
+        raise ConfigError(f"cost.table={table} is not a oneshot latency table (latency-*.json of a search's cost cache)") from None
+    name = OmegaConf.select(cfg, "space.name", default=None)
+    want = "model" if OmegaConf.select(cfg, "space.model", default=None) is not None else name
+    if space != want:
+        raise ConfigError(f"cost.table={table} was measured for space {space}; valid: a table measured for space {want}")
+    wanted_device = OmegaConf.select(cfg, "cost.device", default="cpu")
+    if device != wanted_device:
+        raise ConfigError(f"cost.table={table} was measured on {device} ({meta.get('device_name')}); "
+                          f"valid: a table measured with cost.device={wanted_device}")  # fmt: skip
+
+
+# issue 17 (B): the retraining's deployable files (conf/retrain/default.yaml `export`; oneshot/export.py).
+_EXPORT_FORMATS = ("onnx", "torchscript")
+RULES.update({
+    "retrain.export": Rule(
+        "a list of distinct formats from " + ", ".join(_EXPORT_FORMATS) + ", [] for none",
+        lambda v: isinstance(v, list | ListConfig) and len(set(v)) == len(v) and all(f in _EXPORT_FORMATS for f in v),
+    ),
+    # ENAS under a budget (conf/strategy/enas.yaml): the reward form (budget.reward) and TuNAS' beta
+    "strategy.budget_reward": choice("hard", "tunas"),
+    "strategy.tunas_beta": number(high=0, open_high=True),
+})  # fmt: skip
+
 
 def _select(cfg: DictConfig, key: str):
     """``(found, value)``; a value that cannot be resolved is a ConfigError naming the key."""
@@ -321,6 +392,7 @@ def check_config(cfg: DictConfig, hydra_run_dir: str | None = None, datasets=())
         load_checkpoint(ckpt)
     check_devices(cfg)
     check_model_space(cfg)
+    check_cost_table(cfg)  # issue 17 (A)
 
 
 def check_genotype(genotype, space: str, what: str) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 import oneshot
+from oneshot import plots
 from oneshot.benchmark import BenchmarkError, BenchmarkTable
 from oneshot.genotypes import NB201Genotype
 from oneshot.ops import NB201_PRIMITIVES
@@ -59,6 +60,29 @@ def test_csv_lookup_and_bad_tables(tmp_path):
         BenchmarkTable.load(table_path, ["imagenet16_test"])
 
 
+def test_plot_draws_benchmark_accuracy_per_epoch_only_when_logged(tmp_path):
+    rows = [
+        {"step": 3, "epoch": 0, "train/loss": 2.0},
+        {"step": 3, "epoch": 0, "benchmark/cifar10_test": 90.0, "benchmark/cifar10_valid": 89.0,
+         "benchmark/imagenet16_test": 40.0},
+        {"step": 7, "epoch": 1, "benchmark/cifar10_test": 85.5, "benchmark/cifar10_valid": 84.0,
+         "benchmark/imagenet16_test": 38.0},
+    ]  # fmt: skip
+    history = plots.benchmark_history(rows)
+    assert history["benchmark/cifar10_test"] == [(0, 90.0), (1, 85.5)]
+    fig = plots.benchmark_figure(rows)
+    assert [ax.get_title() for ax in fig.axes] == ["cifar10", "imagenet16"]  # one panel a dataset
+    assert [ln.get_label() for ln in fig.axes[0].get_lines()] == ["cifar10_test", "cifar10_valid"]
+    assert list(fig.axes[1].get_lines()[0].get_ydata()) == [40.0, 38.0]
+    assert plots.benchmark_figure(rows[:1]) is None
+    keys = sorted({k for r in rows for k in r})
+    with (tmp_path / "metrics.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, keys)
+        w.writeheader()
+        w.writerows(rows)
+    assert tmp_path / "plots" / "benchmark.png" in plots.redraw(tmp_path, epochs=False, use_dot=False)
+
+
 def logged_benchmark(metrics_csv: Path) -> list[dict]:
     with metrics_csv.open() as f:
         return [r for r in csv.DictReader(f) if r.get("benchmark/cifar10_test")]
@@ -82,6 +106,15 @@ def test_search_logs_the_derived_cells_benchmark_accuracy_every_epoch(tmp_path):
     assert report["benchmark"] == {"cifar10_test": final[0], "cifar100_valid": final[1]}
     saved = (tmp_path / "run" / "report.json").read_text()
     assert '"benchmark"' in saved and str(final[0]) in saved
+    # oneshot-plot draws those accuracies per epoch: the figure's lines are the table's values.
+    assert plots.main([str(tmp_path / "run"), "--no-epochs", "--no-dot"]) == 0
+    assert (tmp_path / "run" / "plots" / "benchmark.png").stat().st_size > 0
+    fig = plots.benchmark_figure(plots.read_metrics(tmp_path / "run" / "metrics.csv"))
+    lines = {ln.get_label(): ln for ax in fig.axes for ln in ax.get_lines()}
+    assert sorted(lines) == ["cifar100_valid", "cifar10_test"]
+    for column, i in (("cifar10_test", 0), ("cifar100_valid", 1)):
+        assert list(lines[column].get_xdata()) == [0, 1, 2]
+        assert list(lines[column].get_ydata()) == pytest.approx([fake_accuracy(g)[i] for g in per_epoch])
 
 
 @pytest.mark.slow
@@ -111,3 +144,97 @@ def test_a_missing_table_or_another_space_stops_before_the_run(tmp_path):
     darts = oneshot.compose("search", ["space=darts", "benchmark=nb201", f"benchmark.path={tmp_path / 't.csv'}"])
     with pytest.raises(BenchmarkError, match="needs space=nb201, not space=darts"):
         oneshot.search(darts)
+
+
+# ---- the official NAS-Bench-201 file, read through the real nas_201_api (optional extra nb201) ----
+
+OFFICIAL_SETS = {  # dataset -> the eval sets the official file has for it
+    "cifar10-valid": ("x-valid", "ori-test"),
+    "cifar10": ("ori-test",),
+    "cifar100": ("x-valid", "x-test", "ori-test"),
+    "ImageNet16-120": ("x-valid", "x-test", "ori-test"),
+}
+
+
+def official_value(index: int, dataset: str, setname: str, hp: str) -> float:
+    """The seed-mean final accuracy written for a cell (hp '12' rows are decoys)."""
+    base = 50.0 + 7 * index + 3 * list(OFFICIAL_SETS).index(dataset) + 0.25 * len(setname)
+    return base if hp == "200" else base - 40
+
+
+def write_official(path: Path, archs: list[str], skip_imagenet: int) -> None:
+    """A file in NAS-Bench-201's format, made with the package's own classes: {meta_archs,
+    arch2infos: {index: {'less': ArchResults state, 'full': ...}}, evaluated_indexes}. Two seeds
+    per dataset at +-1 around ``official_value`` on the last of two epochs (epoch 0 is a decoy)."""
+    import torch
+    from nas_201_api.api_utils import ArchResults, ResultsCount
+
+    arch2infos = {}
+    for index, arch in enumerate(archs):
+        per_hp = {}
+        for hp, key in (("12", "less"), ("200", "full")):
+            results = ArchResults(index, arch)
+            for dataset, sets in OFFICIAL_SETS.items():
+                if dataset == "ImageNet16-120" and index == skip_imagenet:
+                    continue  # a cell not trained on ImageNet16-120
+                for seed, offset in ((777, 1.0), (888, -1.0)):
+                    config = {"channel": 16, "num_cells": 5, "arch_str": arch, "class_num": 10}
+                    trial = ResultsCount(dataset, None, {0: 10.0, 1: 20.0}, {0: 2.0, 1: 1.0}, 0.1, 10.0,
+                                         config, seed, 2, None)  # fmt: skip
+                    accs, losses, times = {}, {}, {}
+                    for s in sets:
+                        accs[f"{s}@0"], accs[f"{s}@1"] = 1.0, official_value(index, dataset, s, hp) + offset
+                        losses[f"{s}@0"] = losses[f"{s}@1"] = 1.0
+                        times[f"{s}@0"] = times[f"{s}@1"] = 0.1
+                    trial.update_eval(accs, losses, times)
+                    results.update(dataset, seed, trial)
+            per_hp[key] = results.state_dict()
+        arch2infos[index] = per_hp
+    torch.save({"meta_archs": archs, "arch2infos": arch2infos, "evaluated_indexes": list(range(len(archs)))}, path)
+
+
+def test_official_file_through_the_real_api(tmp_path):
+    pytest.importorskip("nas_201_api")
+    archs = [
+        "|nor_conv_3x3~0|+|none~0|nor_conv_3x3~1|+|skip_connect~0|none~1|skip_connect~2|",
+        "|avg_pool_3x3~0|+|nor_conv_1x1~0|skip_connect~1|+|nor_conv_1x1~0|skip_connect~1|skip_connect~2|",
+        "|none~0|+|none~0|none~1|+|none~0|none~1|none~2|",
+    ]  # fmt: skip
+    write_official(tmp_path / "NAS-Bench-201-tiny.pth", archs, skip_imagenet=2)
+    table = BenchmarkTable.load(tmp_path / "NAS-Bench-201-tiny.pth")
+    assert table.rows is None and table.api is not None  # the official API answers the lookups
+    ours = {  # OFFICIAL's names -> (dataset, eval set) as NAS-Bench-201 defines them
+        "cifar10_valid": ("cifar10-valid", "x-valid"), "cifar10_test": ("cifar10", "ori-test"),
+        "cifar100_valid": ("cifar100", "x-valid"), "cifar100_test": ("cifar100", "x-test"),
+        "imagenet16_valid": ("ImageNet16-120", "x-valid"), "imagenet16_test": ("ImageNet16-120", "x-test"),
+    }  # fmt: skip
+    for index, arch in enumerate(archs):
+        found = table.lookup(NB201Genotype.from_edge_ops(arch_ops(arch)))
+        expected = {name: official_value(index, d, s, "200") for name, (d, s) in ours.items()
+                    if not (index == 2 and d == "ImageNet16-120")}  # fmt: skip
+        assert found == pytest.approx(expected)  # 200 epochs, the two seeds' mean, last epoch
+    assert table.lookup("|skip_connect~0|+|none~0|none~1|+|none~0|none~1|none~2|") is None
+
+
+class _RunsCode:
+    """A pickle that would touch a file when unpickled with the pickle's full powers."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_official_file_is_unpickled_safely_and_checked(tmp_path):
+    pytest.importorskip("nas_201_api")
+    import torch
+
+    marker = tmp_path / "code-ran"
+    torch.save({"meta_archs": [], "arch2infos": _RunsCode(marker), "evaluated_indexes": []}, tmp_path / "evil.pth")
+    with pytest.raises(BenchmarkError, match=r"evil.pth is not a NAS-Bench-201 file we can read safely"):
+        BenchmarkTable.load(tmp_path / "evil.pth")
+    assert not marker.exists()
+    torch.save({"state_dict": {}}, tmp_path / "weights.pth")
+    with pytest.raises(BenchmarkError, match="needs the keys meta_archs, arch2infos, evaluated_indexes; it has state_dict"):
+        BenchmarkTable.load(tmp_path / "weights.pth")

@@ -12,7 +12,9 @@ import torch
 from torch import nn
 
 import oneshot
-from oneshot.arch import ArchError, load_arch
+from oneshot import plots
+from oneshot.arch import Arch, ArchError, load_arch
+from oneshot.cell_pictures import arch_figure, arch_rows, mobilenet_blocks
 from oneshot.controller import Controller
 from oneshot.nn import Choice
 from oneshot.prune import prune
@@ -190,6 +192,11 @@ def test_search_and_retrain_apps_on_a_user_model(tmp_path):
     report = json.loads((run / "report.json").read_text())
     assert report["genotype"] == str(arch) and report["space"] == "model"
     assert (run / "plots" / "alphas_op1.png").is_file()
+    # the derived architecture's figure: after the epoch (the callback) and at the end (redrawn)
+    from test_plots import pixels
+
+    assert (run / "plots" / "epochs" / "epoch_000_arch.png").is_file()
+    assert (pixels(run / "plots" / "arch.png") == pixels(plots.arch_picture(arch))).all()
     retrain = tmp_path / "retrain"
     done = app(
         "oneshot-retrain",
@@ -224,10 +231,10 @@ def test_search_and_retrain_apps_on_a_user_model(tmp_path):
      ["warmstart=tenas", "warmstart.keep=2", "warmstart.num_inits=1", "warmstart.n_crops=50", "warmstart.ntk_batch=8",
       "warmstart.images=100"],
      ["strategy=tenas", "strategy.num_inits=1", "strategy.n_crops=50", "strategy.ntk_batch=8", "strategy.images=100"],
-     ["strategy=gdas"], ["strategy=drnas"],
+     ["strategy=gdas"], ["strategy=drnas"], ["space.supernet.partial_channels=2"],
      ["strategy=spos", "strategy.population=6", "strategy.generations=2", "strategy.top_k=3", "strategy.n_mutation=2",
       "strategy.n_crossover=2", "strategy.recalibration_batches=1", "strategy.eval_batches=1"]],
-    ids=["enas", "darts2", "warmstart", "tenas", "gdas", "drnas", "spos"],
+    ids=["enas", "darts2", "warmstart", "tenas", "gdas", "drnas", "pcdarts", "spos"],
 )  # fmt: skip
 def test_every_strategy_searches_a_user_model(strategy, tmp_path):
     model = [
@@ -242,6 +249,9 @@ def test_every_strategy_searches_a_user_model(strategy, tmp_path):
     arch = load_arch(tmp_path / "arch.json")
     assert str(arch) == report["genotype"]
     fix(CONFIG, arch)
+    if "space.supernet.partial_channels=2" in strategy:  # op1 searched at half its width
+        full = ModelSpace({**CONFIG, "in_channels": 1}, num_classes=10, in_channels=1).num_weight_parameters()
+        assert report["supernet_weight_parameters"] < full
     if "warmstart=tenas" in strategy:
         survivors = report["warmstart"]["survivors"]
         assert all(len(ops[0]) == 2 for ops in survivors.values())
@@ -338,3 +348,67 @@ def test_model_space_two_ddp_processes_end_with_the_architecture_of_one(tmp_path
         < 1e-5
     )
     assert ref["genotype"] == report["genotype"] == str(load_arch(ddp_dir / "arch.json"))
+
+
+# ---- the derived architecture's figure (plots/arch.png) ---------------------------------------
+
+
+def test_arch_figure_of_a_user_model_is_a_table_of_every_decision():
+    arch = {"op1": "k5", "op2": "0", "skip": [0, 2], "depth": 2}
+    rows = [("depth", "depth", "2"), ("op1", "candidate", "k5"), ("op2", "candidate", "0"),
+            ("skip", "inputs", "0 + 2")]  # fmt: skip
+    assert arch_rows(arch) == rows and mobilenet_blocks(arch) is None
+    cells = arch_figure(arch).axes[0].tables[0].get_celld()
+    drawn = [tuple(cells[r, c].get_text().get_text() for c in range(3)) for r in range(5)]
+    assert drawn == [("decision", "kind", "chosen"), *rows]
+    # plots: a picture for a model space's arch (value, dict or JSON text), none for a cell genotype
+    from test_plots import pixels
+
+    from oneshot.genotypes import NB201_BEST_CIFAR10
+
+    assert plots.arch_picture(NB201_BEST_CIFAR10) is None and plots.cell_pictures(Arch(arch)) == {}
+    assert (pixels(plots.arch_picture(str(Arch(arch)))) == pixels(plots.arch_picture(arch))).all()
+
+
+def test_arch_figure_of_mobilenet_is_a_block_diagram_of_its_stages():
+    from matplotlib.patches import FancyBboxPatch
+
+    arch = {"s1b1": "k3e3", "s1b2": "skip", "s2b1": "k7e6", "s2b2": "k5e3", "s10b1": "k5e6"}
+    assert mobilenet_blocks(arch) == {1: [(1, 3, 3), (2, None, None)], 2: [(1, 7, 6), (2, 5, 3)],
+                                      10: [(1, 5, 6)]}  # fmt: skip
+    ax = arch_figure(arch).axes[0]
+    texts = [t.get_text() for t in ax.texts if t.get_text()]
+    assert len(ax.texts) - len(texts) == 2  # an arrow between neighbouring blocks of a stage
+    assert texts == ["stage 1\n1/2 blocks", "MB3 3x3", "skip", "stage 2\n2/2 blocks", "MB6 7x7", "MB3 5x5",
+                     "stage 10\n1/1 blocks", "MB6 5x5"]  # fmt: skip
+    boxes = [p for p in ax.patches if isinstance(p, FancyBboxPatch)]
+    assert len(boxes) == 5 and [b.get_linestyle() for b in boxes].count("--") == 1
+    # a label of that form with a value of another kind: not mobilenet's, drawn as the table
+    assert mobilenet_blocks({"s1b1": "k3e3", "s1b2": "conv"}) is None
+    assert arch_figure({"s1b1": "k3e3", "s1b2": "conv"}).axes[0].tables
+
+
+# ---- PC-DARTS on a model space (space.supernet.partial_channels) ---------------------------------
+
+
+def test_pc_darts_builds_factory_choices_at_c_over_k_and_fixes_them_at_c():
+    torch.manual_seed(0)  # TinyNet(4) built inside the space: op1's candidates are factories, op2's modules
+    s = ModelSpace(CONFIG, num_classes=10, in_channels=3, image_size=8, partial_channels=2)
+    assert s.model.op1._modules["k3"][0].weight.shape == (2, 2, 3, 3)
+    assert s.model.op2._modules["0"][0].weight.shape == (4, 4, 3, 3)
+    assert s.num_weight_parameters() < space().num_weight_parameters()
+    x = torch.randn(2, 3, 8, 8)
+    assert s(x).shape == (2, 10) and s(x, s.weights_for(ARCH)).shape == (2, 10)
+    fixed = fix(s, ARCH)  # the chosen factory built anew at full width: the network by hand
+    assert n_params(fixed) == n_params(TinyNetByHand(4))
+    fixed.load_state_dict(fix(CONFIG, ARCH).state_dict())
+    # mobilenet: a stage's non-first blocks are factories (channels 8, 16, 24 at width 0.25)
+    mb = ModelSpace(MOBILENET, num_classes=10, in_channels=3, image_size=32, partial_channels=4)
+    assert mb.model.blocks[1]._modules["k3e3"].conv[0][0].weight.shape == (6, 2, 1, 1)  # 8/4 channels, x3
+    assert mb.model.blocks[0].partial == 1 and mb.model.blocks[1].partial == 4
+    arch = {t: "k5e6" for t in mb.cell_types}
+    assert n_params(fix(mb, arch)) == n_params(fix(MOBILENET, arch))
+    with pytest.raises(ValueError, match="partial_channels=2: no LayerChoice of TinyNet takes 1/K"):
+        ModelSpace(TinyNet(4), partial_channels=2)  # built before: its factories are at full width
+    with pytest.raises(ValueError, match="'op1': channels=4 is not divisible by partial_channels=3"):
+        ModelSpace(CONFIG, partial_channels=3)

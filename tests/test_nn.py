@@ -241,3 +241,58 @@ def test_a_sample_with_a_straight_through_weight_runs_one_candidate_and_carries_
     out.sum().backward()
     # out = w_depth * w_pick * (x + x): inputs 1 and 2 leave the op's output out, so two factors of w
     torch.testing.assert_close(weight.grad, 2 * out.sum().detach())
+
+
+# ---- candidate factories and PC-DARTS' partial channels -----------------------------------------
+
+
+@pytest.mark.parametrize(
+    "stride, names",
+    [(1, ["skip_connect", "nor_conv_3x3", "avg_pool_3x3"]), (2, ["max_pool_3x3", "sep_conv_3x3", "skip_connect"])],
+    ids=["nb201-ops", "darts-ops-stride2"],
+)  # fmt: skip
+def test_partial_channel_choice_is_the_cell_spaces_pc_darts_mixed_op_on_the_same_weights(stride, names):
+    from oneshot.mixed import MixedOp
+    from oneshot.nn import ChoiceState, partial_channels
+    from oneshot.ops import make_op
+
+    C, K = 8, 4
+    torch.manual_seed(0)
+    mixed = MixedOp(C, C, stride, names, partial=K).eval()
+    with partial_channels(K):
+        choice = LayerChoice({n: (lambda c, n=n: make_op(n, c, c, stride, False)) for n in names}, label="e",
+                             channels=C).eval()  # fmt: skip
+    # MixedOp's ops.<i>.<param> are the choice's <name>.<param>: the same weights in both
+    choice.load_state_dict({f"{names[int(k.split('.')[1])]}.{k.split('.', 2)[2]}": v
+                            for k, v in mixed.state_dict().items()})  # fmt: skip
+    assert next(choice._modules["nor_conv_3x3" if stride == 1 else "sep_conv_3x3"].parameters()).shape[1] <= C // K
+    choice._state = ChoiceState()
+    x = torch.randn(2, C, 6, 6)
+    for w in (torch.softmax(torch.randn(3), -1), 1, (0, 2), (1, torch.tensor(1.0))):
+        choice._state.weights = {"e": w}
+        torch.testing.assert_close(choice(x), mixed(x, w))
+
+
+def test_candidate_factories_are_built_at_channels_and_fixed_at_channels():
+    from oneshot.nn import partial_channels
+
+    factories = {"k3": lambda c: nn.Conv2d(c, c, 3, padding=1), "id": lambda c: nn.Identity()}
+    plain = LayerChoice(factories, label="f", channels=8)
+    assert plain.partial == 1 and plain._modules["k3"].weight.shape == (8, 8, 3, 3)
+    with partial_channels(2):
+        half = LayerChoice(factories, label="f", channels=8)
+        modules = LayerChoice([nn.Conv2d(8, 8, 1), nn.Identity()], label="m")  # modules: full width
+    assert half.partial == 2 and half._modules["k3"].weight.shape == (4, 4, 3, 3) and modules.partial == 1
+    with fixed_arch({"f": "k3"}):
+        fixed = LayerChoice(factories, label="f", channels=8)
+    assert isinstance(fixed, nn.Conv2d) and fixed.weight.shape == (8, 8, 3, 3)
+    with pytest.raises(ValueError, match="'f': candidate factories need channels=C"):
+        LayerChoice(factories, label="f")
+    with pytest.raises(ValueError, match="'f': give every candidate as an nn.Module, or every one as a factory"):
+        LayerChoice({"k3": factories["k3"], "id": nn.Identity()}, label="f", channels=8)
+    with pytest.raises(ValueError, match="'m': channels=8 is for candidate factories"):
+        LayerChoice([nn.Identity()], label="m", channels=8)
+    with partial_channels(3), pytest.raises(ValueError, match="'f': channels=8 is not divisible by partial_channels=3"):
+        LayerChoice(factories, label="f", channels=8)
+    with pytest.raises(ValueError, match="partial_channels=0; valid: an integer >= 1"), partial_channels(0):
+        pass

@@ -2,6 +2,7 @@
 tests/test_model_space.py and the app tests search, and its hand-written fixed counterpart."""
 
 from collections import OrderedDict
+from functools import partial
 
 import torch
 from torch import nn
@@ -15,14 +16,23 @@ def conv(c_in, c_out, k):
     )
 
 
+def same_conv(channels, k):
+    return conv(channels, channels, k)
+
+
+def avg_pool(channels):
+    return nn.AvgPool2d(3, 1, 1)
+
+
 class TinyNet(nn.Module):
     """Two LayerChoices (one label shared by two places), an InputChoice and a Repeat."""
 
     def __init__(self, width: int = 8, num_classes: int = 10, in_channels: int = 3):
         super().__init__()
         self.stem = conv(in_channels, width, 3)
-        self.op1 = LayerChoice(OrderedDict(k3=conv(width, width, 3), k5=conv(width, width, 5), pool=nn.AvgPool2d(3, 1, 1)),
-                               label="op1")  # fmt: skip
+        # candidate factories (channels -> module): PC-DARTS may build them at width / K
+        self.op1 = LayerChoice(OrderedDict(k3=lambda c: conv(c, c, 3), k5=partial(same_conv, k=5), pool=avg_pool),
+                               label="op1", channels=width)  # fmt: skip
         self.op2 = LayerChoice([conv(width, width, 3), nn.Identity()], label="op2")
         # the same label: one decision shared by two places
         self.op2_again = LayerChoice([conv(width, width, 1), nn.Identity()], label="op2")

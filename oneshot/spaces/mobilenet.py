@@ -15,13 +15,16 @@ images (side < 64, CIFAR-like 32x32) the stem and the first stage keep the resol
 the stem strides too and the last feature map is 7x7. ``stem_stride`` overrides the stem's.
 
 It is an ordinary model class: ``oneshot.fix(MobileNetSpace config, arch)`` gives the plain
-MobileNetV2-style network of an architecture.
+MobileNetV2-style network of an architecture. A stage's non-first blocks keep the channel count,
+so their candidates are factories (``channels -> block``): PC-DARTS
+(``space.supernet.partial_channels=K``) searches them at 1/K of the channels.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
+from functools import partial
 
 from torch import nn
 
@@ -63,6 +66,16 @@ class InvertedResidual(nn.Module):
         return x + self.conv(x) if self.residual else self.conv(x)
 
 
+def same_width_block(channels: int, kernel: int, expansion: int) -> InvertedResidual:
+    """A stage's non-first block (stride 1, ``channels`` in and out) from its channel count."""
+    return InvertedResidual(channels, channels, kernel, expansion, 1)
+
+
+def identity(channels: int) -> nn.Identity:
+    """The skipped block at any channel count."""
+    return nn.Identity()
+
+
 class MobileNetSpace(nn.Module):
     def __init__(
         self,
@@ -95,13 +108,16 @@ class MobileNetSpace(nn.Module):
             c_out = make_divisible(channels * width_mult)
             stride = 1 if small and s <= small_image_stride1_stages else stride
             for b in range(1, n + 1):
-                ops = OrderedDict(
-                    (f"k{k}e{e}", InvertedResidual(c, c_out, k, e, stride if b == 1 else 1))
-                    for k in kernels for e in expansions
-                )  # fmt: skip
-                if skip and b > 1:  # a residual block may be left out: the stage gets shallower
-                    ops["skip"] = nn.Identity()
-                blocks.append(LayerChoice(ops, label=f"s{s}b{b}"))
+                if b == 1:  # changes the width (or the resolution): candidates are modules
+                    ops = OrderedDict((f"k{k}e{e}", InvertedResidual(c, c_out, k, e, stride))
+                                      for k in kernels for e in expansions)  # fmt: skip
+                    blocks.append(LayerChoice(ops, label=f"s{s}b{b}"))
+                else:  # keeps c_out channels: factories, so PC-DARTS can build them at c_out / K
+                    ops = OrderedDict((f"k{k}e{e}", partial(same_width_block, kernel=k, expansion=e))
+                                      for k in kernels for e in expansions)  # fmt: skip
+                    if skip:  # a residual block may be left out: the stage gets shallower
+                        ops["skip"] = identity
+                    blocks.append(LayerChoice(ops, label=f"s{s}b{b}", channels=c_out))
                 c = c_out
         self.blocks = nn.Sequential(*blocks)
         self.last_channels = (

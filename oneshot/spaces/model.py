@@ -14,7 +14,11 @@ code path it runs on the cell spaces:
 * ``genotype()`` is an ``Arch`` (``oneshot.arch``): the argmax candidate of each decision as its
   value; ``weights_for(arch)`` the indices that make the supernet compute exactly that network;
 * ``candidates=`` (a warm start's survivors) keeps only those candidates: pruned modules are
-  dropped, so they cost neither parameters nor compute.
+  dropped, so they cost neither parameters nor compute;
+* ``partial_channels=K`` (``space.supernet.partial_channels``): PC-DARTS - every LayerChoice
+  whose candidates are factories (``channels -> module``, ``oneshot.nn``) is built at ``C/K``
+  and runs on ``C/K`` of the channels; choices of modules run at full width. No edge
+  normalisation: a model has no cell nodes whose incoming edges it would weigh.
 
 ``fix(model_or_config, arch)`` (also ``oneshot.fix``) gives the plain network of ``arch``.
 """
@@ -40,6 +44,7 @@ from oneshot.nn import (
     fixed_arch,
     label_scope,
 )
+from oneshot.nn import partial_channels as _partial
 from oneshot.spaces.base import SupernetBase
 
 DATA_KWARGS = ("num_classes", "in_channels", "image_size")
@@ -110,13 +115,23 @@ class ModelSpace(SupernetBase):
     """The supernet of a model with choices (see the module docstring)."""
 
     def __init__(self, model, num_classes: int | None = None, in_channels: int | None = None,
-                 image_size: int | None = None, candidates: dict | None = None, check_shapes: bool = True):  # fmt: skip
+                 image_size: int | None = None, candidates: dict | None = None, check_shapes: bool = True,
+                 partial_channels: int = 1):  # fmt: skip
         super().__init__()
         self.model_config = None if isinstance(model, nn.Module) else dict(model)
-        with label_scope():
+        with label_scope(), _partial(partial_channels):
             self.model = build_model(
                 model, num_classes=num_classes, in_channels=in_channels, image_size=image_size
             )
+        self.partial_channels = partial_channels
+        if partial_channels > 1 and not any(
+            getattr(c, "partial", 1) == partial_channels for _, c in choices_of(self.model)
+        ):
+            raise ValueError(f"space.supernet.partial_channels={partial_channels}: no LayerChoice of "
+                             f"{type(self.model).__name__} takes 1/K of the channels: none has candidate "
+                             "factories (channels -> module, with channels=C), or the model was built before "
+                             "(give its config or class, or build it under oneshot.nn.partial_channels(K)); "
+                             "valid: 1, or channel-keeping choices as factories")  # fmt: skip
         self.in_channels, self.image_size = in_channels, image_size
         groups = group_choices(self.model)
         if not groups:
@@ -212,6 +227,9 @@ class ModelSpace(SupernetBase):
 def _replace_choices(module: nn.Module, arch: Arch) -> nn.Module:
     if isinstance(module, Choice):
         value = arch[module.label]
+        if isinstance(module, LayerChoice) and module.partial > 1:
+            # PC-DARTS searched it at C/K: the fixed network's candidate is built anew at C
+            return _replace_choices(module.factories[value](module.channels), arch)
         if isinstance(module, LayerChoice):
             return _replace_choices(module._modules[module.name_of(value)], arch)
         if isinstance(module, InputChoice):
@@ -229,7 +247,8 @@ def fix(model_or_config, arch) -> nn.Module:
     """The plain ``nn.Module`` of ``arch``: only the chosen candidates, no alphas, no mixed ops.
 
     ``model_or_config``: a model with choices (or a ``ModelSpace``) - its chosen modules are
-    copied, weights included; or a config ``{"_target_": ..., **kwargs}`` (or a class) - built
+    copied, weights included (a PC-DARTS supernet's factory choices, searched at ``C/K``, are
+    built anew at ``C``); or a config ``{"_target_": ..., **kwargs}`` (or a class) - built
     anew under ``fixed_arch(arch)``, exactly the network one would write by hand. Both give the
     same module tree, so their ``state_dict``s load into each other."""
     arch = load_arch(arch)
