@@ -84,7 +84,7 @@ def test_default_has_a_null_for_every_recipe_value():
         assert set(recipe) == set(default)
         assert set(recipe["optimizer"]) - {"_target_", "_partial_"} == set(default["optimizer"])
         assert set(recipe["trainer"]) == set(default["trainer"])
-    nulls = {k: v for k, v in default.items() if k not in ("enabled", "optimizer", "trainer")}
+    nulls = {k: v for k, v in default.items() if k not in ("enabled", "export", "optimizer", "trainer")}
     assert all(v is None for v in nulls.values()) and default["enabled"] is True
     assert all(v is None for v in [*default["optimizer"].values(), *default["trainer"].values()])
 
