@@ -68,6 +68,9 @@ STRATEGIES = {
     "darts": [],
     "gdas": ["strategy=gdas"],
     "drnas": ["strategy=drnas"],
+    # A binding budget (expected cost 0.138 M params at the start): its dual multiplier moves every
+    # step, so the alphas agree only if the checkpoint carries it across the kill.
+    "darts-budget": ["budget=params", "budget.max=0.1", "cost.progress=false"],
     "spos": ["strategy=spos", "strategy.population=6", "strategy.generations=2", "strategy.top_k=2",
              "strategy.n_mutation=2", "strategy.n_crossover=2", "strategy.recalibration_batches=2",
              "strategy.eval_batches=2"],
@@ -89,6 +92,10 @@ def test_search_killed_mid_epoch_resumes_to_the_uninterrupted_result(strategy, t
     assert a.keys() == b.keys()
     diff = max(float((a[k].double() - b[k].double()).abs().max()) for k in a)  # alphas and weights
     assert diff < 1e-5, diff
+    if strategy == "darts-budget":
+        budgets = [torch.load(d / "checkpoints" / "last.ckpt", weights_only=True)["budget"] for d in (whole, killed)]
+        assert budgets[0]["multiplier"] > 0 and budgets[1]["multiplier"] == pytest.approx(budgets[0]["multiplier"])
+        assert killed_at["budget"]["multiplier"] != budgets[0]["multiplier"]  # it moved after the kill
     assert (killed / "genotype.txt").read_text() == (whole / "genotype.txt").read_text()
     assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == sorted(
         p.name for p in (whole / "checkpoints").iterdir()
