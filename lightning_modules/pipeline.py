@@ -96,6 +96,7 @@ def search(cfg: DictConfig) -> dict:
     supernet = build_supernet(cfg, info, candidates)
     module = instantiate(cfg.strategy, supernet=supernet, _convert_="partial")
     from oneshot.cost.budget import budget_from_cfg
+    from oneshot.cost.derive import nb201_connected
 
     module.budget = budget_from_cfg(cfg, supernet, info)  # issue 17: None without budget.max; a budget none meets stops here
     strategy_cfg = OmegaConf.to_container(cfg.strategy, resolve=True)
@@ -119,6 +120,10 @@ def search(cfg: DictConfig) -> dict:
         budget_report = None
         if module.budget is not None:  # issue 17: the written architecture is always within budget
             genotype, budget_report = module.budget.enforce(module, genotype)
+        elif genotype.space == "nb201" and not nb201_connected(genotype.edge_ops):
+            log.warning("the derived cell %s has no path of non-'none' ops from its input to its output: the "
+                        "network computes a constant (chance accuracy); search longer, or with budget.* set "
+                        "the derivation keeps the most probable connected cell", genotype)  # fmt: skip
         # The whole search: warm start and training, summed over a killed run and its resumes.
         training_free = getattr(module, "training_free", False)
         search_seconds = time.perf_counter() - start if training_free else module.search_seconds()

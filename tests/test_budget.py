@@ -18,8 +18,16 @@ from user_models_example import TinyNet  # noqa: E402
 
 
 def all_nb201(supernet):
+    """Every cell with a path of non-'none' ops from its input to its output (the others make the
+    network a constant), checked here by reachability over the genotype's own edges."""
     for ops in itertools.product(*supernet.candidates["cell"]):
-        yield NB201Genotype.from_edge_ops(ops)
+        g = NB201Genotype.from_edge_ops(ops)
+        reached = {0}
+        for j, node in enumerate(g.nodes, start=1):
+            if any(op != "none" and i in reached for op, i in node):
+                reached.add(j)
+        if len(g.nodes) in reached:
+            yield g
 
 
 def all_darts(supernet):
@@ -98,10 +106,11 @@ def test_budgeted_derivation_equals_brute_force(space, metric):
         winners = [g for c, s, g in scored if fits(c, budget) and s > best_score - 1e-9]
         if len(winners) == 1:
             assert canonical(derived) == canonical(winners[0])
-    if (
-        space != "pcdarts"
-    ):  # the unconstrained optimum is the usual derivation (DARTS' derive without betas)
-        assert derive_within_budget(supernet, cost, costs[-1]) == supernet.genotype()
+    argmax = supernet.genotype()
+    if space != "pcdarts" and any(g == argmax for _, _, g in scored):
+        # the unconstrained optimum is the usual derivation (DARTS' derive without betas), when
+        # that is an architecture the derivation may return (NB201: a connected cell)
+        assert derive_within_budget(supernet, cost, costs[-1]) == argmax
 
 
 def test_budget_below_the_cheapest_architecture_is_one_line():
@@ -118,6 +127,38 @@ def test_budget_below_the_cheapest_architecture_is_one_line():
     assert derive_within_budget(supernet, cost, cost.cheapest()) == NB201Genotype.from_edge_ops(
         ["skip_connect"] * 6
     )
+
+
+def test_nb201_derivation_never_returns_a_cell_without_a_path():
+    """Alphas that favour 'none' everywhere (what a tight FLOPs hinge does): the argmax is the
+    all-'none' cell, a constant network. Within any budget the derivation returns the most
+    probable connected cell instead, which here is one op on the direct edge 0->3 (the best
+    single non-'none' logit on a path of length one), and the budget penalty re-derives."""
+    from oneshot.lightning_modules.darts import DartsSearch
+
+    from oneshot.cost.budget import BudgetPenalty
+
+    supernet = NB201Network(C=4, N=1, candidates={"cell": [("none", "skip_connect", "nor_conv_3x3")] * 6})
+    with torch.no_grad():
+        a = supernet.alphas["cell"]
+        a.zero_()
+        a[:, 0] = 5.0  # none
+        a[:, 2] = torch.tensor([0.1, 0.2, 0.3, 2.0, 0.5, 0.6])  # conv: edge 3 is 3<-0
+    cost = build_cost_model(supernet, "flops", input_shape=(3, 8, 8))
+    assert str(supernet.genotype()) == "|none~0|+|none~0|none~1|+|none~0|none~1|none~2|"
+    loose = cost.of_genotype(NB201Genotype.from_edge_ops(["nor_conv_3x3"] * 6))
+    derived = derive_within_budget(supernet, cost, loose)
+    assert str(derived) == "|none~0|+|none~0|none~1|+|nor_conv_3x3~0|none~1|none~2|"
+    # the cheapest architecture is a connected one (one skip: the fixed part's cost)
+    assert cost.cheapest() == pytest.approx(cost.fixed, rel=1e-12)
+    assert str(derive_within_budget(supernet, cost, cost.cheapest())) == (
+        "|none~0|+|none~0|none~1|+|skip_connect~0|none~1|none~2|")
+    module = DartsSearch(supernet)
+    penalty = BudgetPenalty(cost, loose)
+    final, report = penalty.enforce(module, supernet.genotype())
+    assert final == derived and report["rederived"]
+    assert report["reason"] == "no path from input to output"
+    assert report["argmax_cost"] == pytest.approx(cost.fixed, rel=1e-12)
 
 
 def test_logits_dict_and_supernet_give_the_same_derivation():

@@ -26,7 +26,7 @@ import logging
 
 import torch
 
-from oneshot.cost.derive import BudgetError, derive_within_budget
+from oneshot.cost.derive import BudgetError, derive_within_budget, nb201_connected
 from oneshot.cost.model import CostModel, fits
 
 log = logging.getLogger("oneshot")
@@ -96,9 +96,17 @@ class BudgetPenalty:
     def load_state_dict(self, state: dict) -> None:
         self.multiplier = float(state["multiplier"])
 
+    def acceptable(self, genotype) -> bool:
+        """Within budget, and (NB201) a cell that connects its input to its output: the hinge
+        pulls the alphas towards ``none``, the op that costs nothing, and a cell of ``none`` paths
+        makes the whole network a constant."""
+        if not fits(self.cost.of_genotype(genotype), self.max):
+            return False
+        return self.cost.space != "nb201" or nb201_connected(genotype.edge_ops)
+
     def within_budget(self, module, genotype):
-        """``genotype`` if it fits, else the most probable architecture that does (exact)."""
-        if fits(self.cost.of_genotype(genotype), self.max):
+        """``genotype`` if it is acceptable, else the most probable architecture that is (exact)."""
+        if self.acceptable(genotype):
             return genotype
         logits = {
             t: p.detach().double().clamp_min(1e-300).log() for t, p in module.arch_probs().items()
@@ -119,9 +127,15 @@ class BudgetPenalty:
             "table": {k: self.cost.meta.get(k) for k in ("cache", "cache_file", "device_name", "batch_size")
                       if k in self.cost.meta},
         }  # fmt: skip
-        if final != genotype:
+        if final != genotype and not fits(argmax_cost, self.max):
+            report["reason"] = "over budget"
             log.info("the argmax architecture costs %.4g %s > budget.max=%g: derived within budget instead "
                      "(%.4g %s)", argmax_cost, self.cost.unit, self.max, report["cost"], self.cost.unit)  # fmt: skip
+        elif final != genotype:
+            report["reason"] = "no path from input to output"
+            log.info("the argmax cell %s has no path of non-'none' ops from its input to its output (the "
+                     "network would be a constant): derived the most probable connected cell within budget "
+                     "instead, %s (%.4g %s)", genotype, final, report["cost"], self.cost.unit)  # fmt: skip
         return final, report
 
 

@@ -9,7 +9,8 @@ cheapest rest are dropped. A dominated partial choice can always be swapped for 
 a complete architecture without losing feasibility or probability, so the best frontier point at
 the end is the optimum. Unconstrained, the objective's optimum is the space's usual derivation
 (argmax per edge; DARTS' two strongest inputs per node), so a budget that the argmax meets
-changes nothing.
+changes nothing. NB201 adds one rule: the cell must connect its input to its output through
+non-``none`` ops (the frontier is kept per set of reached nodes).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from oneshot.cost.model import RTOL, CostModel
+from oneshot.cost.model import RTOL, CostModel, fits
 
 
 class BudgetError(ValueError):
@@ -85,39 +86,110 @@ def _log_probs(source, cost: CostModel, edge_logits=None) -> dict[str, np.ndarra
     return out
 
 
-def derive_within_budget(supernet_or_logits, cost: CostModel, budget: float, edge_logits=None):
-    """The genotype (NB201, DARTS) or ``Arch`` (model spaces) of highest total log-probability
-    whose cost is at most ``budget`` (in ``cost.unit``); ``BudgetError`` when none is.
-    ``edge_logits``: with a dict of logits, PC-DARTS' edge logits (betas) per cell type."""
-    lp = _log_probs(supernet_or_logits, cost, edge_logits)
-    groups = decision_groups(cost)
-    slack = budget + RTOL * max(1.0, abs(budget)) - cost.fixed
+def nb201_edges(n_edges: int) -> tuple[list[tuple[int, int]], int]:
+    """``(source, target)`` of every edge of an NB201 cell in the supernet's order, and its nodes."""
+    n_nodes = int(round((1 + (1 + 8 * n_edges) ** 0.5) / 2))
+    return [(i, j) for j in range(1, n_nodes) for i in range(j)], n_nodes
+
+
+def nb201_connected(ops) -> bool:
+    """Whether an NB201 cell (its edge ops in the supernet's order) has a path of non-``none``
+    ops from its input to its output. Without one the cell outputs zeros, and since every cell
+    of the network reads only the one before it, the whole network computes a constant."""
+    edges, n_nodes = nb201_edges(len(ops))
+    reached = {0}
+    for (i, j), op in zip(edges, ops):
+        if op != "none" and i in reached:
+            reached.add(j)
+    return n_nodes - 1 in reached
+
+
+class _Reach:
+    """The DP's state for NB201: the bit set of nodes reached from the cell's input through
+    non-``none`` ops. Edges come in target order, so a source's bit is final when its out-edges
+    are decided; an architecture counts only if it reaches the output node. Other spaces: one
+    state (every DARTS node takes two non-``none`` inputs; a model space has no such rule)."""
+
+    def __init__(self, cost: CostModel, groups: list[Group]):
+        self.on = cost.space == "nb201"
+        if not self.on:
+            return
+        edges, n_nodes = nb201_edges(len(cost.candidates["cell"]))
+        self.output = 1 << (n_nodes - 1)
+        self.moves = []
+        for group in groups:
+            (_, e, _), = group.picks[0]
+            live = np.array([cost.candidates["cell"][e][k] != "none" for ((_, _, k),) in group.picks])
+            self.moves.append((1 << edges[e][0], 1 << edges[e][1], live))
+
+    def step(self, g: int, states: np.ndarray, n_options: int) -> np.ndarray:
+        if not self.on:
+            return np.zeros((len(states), n_options), dtype=np.int64)
+        source, target, live = self.moves[g]
+        reach = live[None, :] & ((states[:, None] & source) != 0)
+        return np.where(reach, states[:, None] | target, states[:, None])
+
+    def accept(self, states: np.ndarray) -> np.ndarray:
+        return (states & self.output) != 0 if self.on else np.ones(len(states), dtype=bool)
+
+
+def _best(groups: list[Group], scores: list[np.ndarray], slack: float, reach: _Reach):
+    """The picks of the highest total score whose cost is at most ``slack`` (fixed part taken
+    off) among the architectures ``reach`` accepts; None if there is none."""
     least = [float(g.costs.min()) for g in groups]
-    if sum(least) > slack:
-        raise BudgetError(f"budget.max={budget:g} {cost.unit} is below the cheapest architecture, "
-                          f"{cost.fixed + sum(least):.6g} {cost.unit}")  # fmt: skip
-    rest = np.concatenate(
-        [np.cumsum(least[::-1])[::-1][1:], [0.0]]
-    )  # cheapest cost of the groups after g
-    f_cost, f_score = np.zeros(1), np.zeros(1)
+    rest = np.concatenate([np.cumsum(least[::-1])[::-1][1:], [0.0]])  # cheapest after group g
+    f_cost, f_score, f_state = np.zeros(1), np.zeros(1), np.ones(1, dtype=np.int64)
     back = []  # per group: (frontier index before, option index) of every frontier point
     for g, group in enumerate(groups):
-        scores = np.array([sum(lp[t][e, k] for t, e, k in pick) for pick in group.picks])
+        n = len(group.costs)
         c = (f_cost[:, None] + group.costs[None, :]).ravel()
-        s = (f_score[:, None] + scores[None, :]).ravel()
+        s = (f_score[:, None] + scores[g][None, :]).ravel()
+        st = reach.step(g, f_state, n).ravel()
         keep = np.flatnonzero(c + rest[g] <= slack)
-        order = keep[np.lexsort((-s[keep], c[keep]))]  # by cost, then best score first
-        best_before = np.maximum.accumulate(s[order])
-        front = order[np.concatenate([[True], s[order][1:] > best_before[:-1]])]
-        back.append((front // len(group.costs), front % len(group.costs)))
-        f_cost, f_score = c[front], s[front]
-    i = int(np.argmax(f_score))
+        fronts = []
+        for state in np.unique(st[keep]):  # a Pareto frontier per state
+            idx = keep[st[keep] == state]
+            order = idx[np.lexsort((-s[idx], c[idx]))]  # by cost, then best score first
+            best_before = np.maximum.accumulate(s[order])
+            fronts.append(order[np.concatenate([[True], s[order][1:] > best_before[:-1]])])
+        front = np.concatenate(fronts) if fronts else np.zeros(0, dtype=np.int64)
+        back.append((front // n, front % n))
+        f_cost, f_score, f_state = c[front], s[front], st[front]
+    ok = np.flatnonzero(reach.accept(f_state))
+    if not len(ok):
+        return None
+    i = int(ok[np.argmax(f_score[ok])])
     chosen = []
     for g in range(len(groups) - 1, -1, -1):
         prev, option = back[g][0][i], back[g][1][i]
         chosen.append(groups[g].picks[int(option)])
         i = int(prev)
-    return _genotype(cost, [p for pick in reversed(chosen) for p in pick], lp)
+    return [p for pick in reversed(chosen) for p in pick]
+
+
+def cheapest_cost(cost: CostModel) -> float:
+    """The smallest cost of any architecture of the space (NB201: of any connected cell)."""
+    groups = decision_groups(cost)
+    picks = _best(groups, [-g.costs for g in groups], np.inf, _Reach(cost, groups))
+    return cost.fixed + sum(float(cost.per_choice[t][e, k]) for t, e, k in picks)
+
+
+def derive_within_budget(supernet_or_logits, cost: CostModel, budget: float, edge_logits=None):
+    """The genotype (NB201, DARTS) or ``Arch`` (model spaces) of highest total log-probability
+    whose cost is at most ``budget`` (in ``cost.unit``); ``BudgetError`` when none is.
+    ``edge_logits``: with a dict of logits, PC-DARTS' edge logits (betas) per cell type.
+    NB201: among the cells with a path of non-``none`` ops from input to output only (a cell
+    without one makes the whole network a constant: a budget never buys that)."""
+    lp = _log_probs(supernet_or_logits, cost, edge_logits)
+    groups = decision_groups(cost)
+    cheapest = cheapest_cost(cost)
+    if not fits(cheapest, budget):
+        raise BudgetError(f"budget.max={budget:g} {cost.unit} is below the cheapest architecture, "
+                          f"{cheapest:.6g} {cost.unit}")  # fmt: skip
+    scores = [np.array([sum(lp[t][e, k] for t, e, k in pick) for pick in g.picks]) for g in groups]
+    slack = budget + RTOL * max(1.0, abs(budget)) - cost.fixed
+    picks = _best(groups, scores, slack, _Reach(cost, groups))
+    return _genotype(cost, picks, lp)
 
 
 def _genotype(cost: CostModel, picks, lp):

@@ -88,10 +88,11 @@ class CostModel:
         return total
 
     def cheapest(self) -> float:
-        """The smallest cost any architecture of the space can have."""
-        from oneshot.cost.derive import decision_groups
+        """The smallest cost any architecture of the space can have (NB201: any connected cell,
+        as ``derive_within_budget`` derives)."""
+        from oneshot.cost.derive import cheapest_cost
 
-        return self.fixed + sum(float(g.costs.min()) for g in decision_groups(self))
+        return cheapest_cost(self)
 
     # -- the differentiable expectation ----------------------------------------------------
     def expected(
