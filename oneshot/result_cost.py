@@ -6,8 +6,14 @@ on both the measured value and the cost table's additive one.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
+
+log = logging.getLogger("oneshot")
+#: Above this relative error of the additive latency model on the result, the run warns.
+ADDITIVE_WARN = 0.10
 
 
 def network_cost(network: nn.Module, example: torch.Tensor) -> dict:
@@ -71,6 +77,16 @@ def against_budget(cost: dict, budget, genotype) -> dict:
     table = float(budget.cost.of_genotype(genotype))
     verdict = {"metric": budget.metric, "unit": budget.cost.unit, "max": budget.max, "measured": measured,
                "table": table, "within": fits(measured, budget.max), "table_within": fits(table, budget.max)}  # fmt: skip
+    if budget.metric == "latency":  # the additive model against the whole network, measured alike
+        verdict["additive_error"] = abs(table - measured) / measured if measured > 0 else None
+        calibration = budget.cost.meta.get("calibration")
+        if calibration:
+            verdict["calibration"] = {k: calibration[k] for k in ("scale", "median_error_before", "median_error_after")}
+        if verdict["additive_error"] is not None and verdict["additive_error"] > ADDITIVE_WARN:
+            log.warning("the latency table predicts %.4g ms for this network, measured %.4g ms: the additive "
+                        "model is %.0f%% off (over %.0f%%). The latency budget was held on the table's value; "
+                        "measure the table on a quiet device, or raise cost.calibrate", table, measured,
+                        100 * verdict["additive_error"], 100 * ADDITIVE_WARN)  # fmt: skip
     return {**cost, "budget": verdict}
 
 
@@ -85,5 +101,7 @@ def cost_lines(cost: dict) -> list[str]:
         return [line]
     unit = b["unit"]
     verdict = "within" if b["within"] else "OVER"
+    error = b.get("additive_error")
+    off = f" ({100 * error:.0f}% off)" if error is not None else ""
     return [line, f"budget: {b['metric']} <= {b['max']:g} {unit}: {b['measured']:.4g} {unit} measured ({verdict}), "
-                  f"{b['table']:.4g} {unit} by the cost table"]  # fmt: skip
+                  f"{b['table']:.4g} {unit} by the cost table{off}"]  # fmt: skip
