@@ -35,14 +35,20 @@ def load_benchmark(cfg: DictConfig) -> BenchmarkTable | None:
     if space != "nb201":
         raise BenchmarkError(f"benchmark={bench.name} holds NAS-Bench-201 cells; it needs space=nb201, not space={space}")  # fmt: skip
     if OmegaConf.is_missing(bench, "path") or not bench.get("path"):
-        raise BenchmarkError(f"benchmark={bench.name} needs benchmark.path=FILE (a CSV with 'arch' and accuracy columns, or the official NAS-Bench-201 .pth)")  # fmt: skip
+        raise BenchmarkError(f"benchmark={bench.name} needs benchmark.path=FILE (a CSV with 'arch' and accuracy columns, the official NAS-Bench-201 .pth, or a NATS-Bench topology .pickle.pbz2 file or -simple directory)")  # fmt: skip
     columns = bench.get("columns")
     return BenchmarkTable.load(bench.path, list(columns) if columns else None)
 
 
 def accuracies(table: BenchmarkTable, genotype) -> dict[str, float] | None:
-    """``{column: accuracy}`` of ``genotype``, or None with one log line when the table lacks it."""
-    found = table.lookup(genotype)
+    """``{column: accuracy}`` of ``genotype``, or None with one log line when the table lacks it
+    (or, for a NATS-Bench directory read cell by cell, when that cell's file cannot be read
+    safely: the search goes on without it)."""
+    try:
+        found = table.lookup(genotype)
+    except BenchmarkError as e:
+        log.warning("benchmark: %s; nothing logged for %s", e, genotype)
+        return None
     if found is None:
         log.warning("benchmark: %s is not in %s; nothing logged for it", genotype, table.path.name)
     return found

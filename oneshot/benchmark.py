@@ -1,18 +1,24 @@
 """Benchmark tables: read-only lookups of a cell's trained accuracy (NAS-Bench-201).
 
 ``BenchmarkTable.load(path)`` reads either a CSV with an ``arch`` column (NB201's canonical
-strings, ``|op~0|+|op~0|op~1|+|op~0|op~1|op~2|``) and accuracy columns, or the official
-NAS-Bench-201 ``.pth`` file through the ``nas_201_api`` package (``pip install
-'oneshot[nb201]'``), which we hand the file's contents after unpickling them ourselves with
-``weights_only=True``. ``lookup(genotype)`` gives ``{column: accuracy}`` or ``None`` for an arch
-the table does not have. The search logs these per epoch (``lightning_modules/benchmark.py``);
+strings, ``|op~0|+|op~0|op~1|+|op~0|op~1|op~2|``) and accuracy columns, the official
+NAS-Bench-201 ``.pth`` file through the ``nas_201_api`` package, or NATS-Bench's topology
+benchmark (the NB201 cells; ``NATS-tss-v1_0-*.pickle.pbz2`` or its ``-simple`` directory of one
+file per cell) through the ``nats_bench`` package (both: ``pip install 'oneshot[nb201]'``). Either
+API gets the file's contents after we unpickle them ourselves, restricted to plain data
+(``torch.load(weights_only=True)``; for NATS' bz2 pickles an unpickler that knows no class but
+``OrderedDict``/``set``/numpy scalars): the APIs would unpickle with the pickle's full powers.
+``lookup(genotype)`` gives ``{column: accuracy}`` or ``None`` for an arch the table does not have. The search logs these per epoch (``lightning_modules/benchmark.py``);
 nothing in the product needs a table to run (Dong & Yang, "NAS-Bench-201", ICLR 2020).
 """
 
 from __future__ import annotations
 
+import bz2
+import collections
 import csv
 import math
+import pickle
 from pathlib import Path
 
 from oneshot.validate import ConfigError
@@ -30,20 +36,54 @@ OFFICIAL = {
 }
 
 
+NATS_EXT = "pickle.pbz2"
+NATS_META = f"meta.{NATS_EXT}"
+
+
 class BenchmarkError(ConfigError):
     """A table that cannot be used: one line naming the file and what is wrong."""
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    """Unpickles plain data only: containers, numbers, strings, and the few classes NATS-Bench's
+    files hold (``OrderedDict``, sets, numpy scalars). Any other class - the way a pickle runs
+    code - is refused."""
+
+    ALLOWED = {("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset"),
+               ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar")}  # fmt: skip
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it names {module}.{name}, which plain data does not")
+
+
+def _plain_pickle(path: Path, where: str):
+    try:
+        with bz2.open(path, "rb") as f:
+            return _PlainUnpickler(f).load()
+    except Exception as e:  # noqa: BLE001 - any unreadable or unsafe file is one line
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BenchmarkError(f"{where} is not a NATS-Bench file we can read safely (plain data only): "
+                             f"{reason:.200}") from None  # fmt: skip
 
 
 class BenchmarkTable:
     def __init__(self, rows: dict[str, dict[str, float]] | None, path: Path, api=None):
         self.rows, self.path, self.api = rows, Path(path), api
+        self.archive: Path | None = None  # a NATS-Bench -simple directory, read cell by cell
 
     @classmethod
     def load(cls, path, columns: list[str] | None = None) -> BenchmarkTable:
         path = Path(path)
+        if path.is_dir() and (path / NATS_META).is_file():
+            return cls._nats(path)
         if not path.is_file():
             raise BenchmarkError(f"benchmark.path={path} not found; give a CSV with an 'arch' column "
-                                 "and accuracy columns, or the official NAS-Bench-201 .pth file")  # fmt: skip
+                                 "and accuracy columns, the official NAS-Bench-201 .pth file, or a NATS-Bench "
+                                 "topology file (.pickle.pbz2) or its -simple directory")  # fmt: skip
+        if path.name.endswith(".pbz2"):
+            return cls._nats(path)
         if path.suffix in (".pth", ".pickle", ".pkl"):
             return cls._official(path)
         with path.open(newline="") as f:
@@ -95,6 +135,46 @@ class BenchmarkTable:
                                  f"{', '.join(keys)}; it has {found or 'none':.200}")  # fmt: skip
         return cls(None, path, NASBench201API(data, verbose=False))
 
+    @classmethod
+    def _nats(cls, path: Path) -> BenchmarkTable:
+        """NATS-Bench's topology search space (its cells are NAS-Bench-201's): one ``.pickle.pbz2``
+        file with every cell, or the ``-simple`` directory (``meta.pickle.pbz2`` + one file per
+        cell, read when a cell is first looked up), through ``nats_bench``."""
+        try:
+            import nats_bench
+        except ImportError:
+            raise BenchmarkError(f"benchmark.path={path} is a NATS-Bench file: pip install 'oneshot[nb201]' "
+                                 "(nats_bench) to read it, or give a CSV") from None  # fmt: skip
+        data = _plain_pickle(path / NATS_META if path.is_dir() else path, f"benchmark.path={path}")
+        keys = ("meta_archs",) if path.is_dir() else ("meta_archs", "arch2infos", "evaluated_indexes")
+        if not isinstance(data, dict) or any(k not in data for k in keys):
+            found = ", ".join(map(str, data)) if isinstance(data, dict) else type(data).__name__
+            raise BenchmarkError(f"benchmark.path={path} is not a NATS-Bench topology file: it needs the keys "
+                                 f"{', '.join(keys)}; it has {found or 'none':.200}")  # fmt: skip
+        if path.is_dir():  # the cells' files are read one by one in lookup()
+            data = {"meta_archs": data["meta_archs"], "arch2infos": {}, "evaluated_indexes": []}
+        api = nats_bench.create(data, "tss", fast_mode=False, verbose=False)
+        table = cls(None, path, api)
+        table.archive = path if path.is_dir() else None
+        return table
+
+    def _load_nats_cell(self, index: int) -> bool:
+        """A ``-simple`` directory's file for cell ``index`` into the API (what its ``reload`` does,
+        with our restricted unpickler); False when the directory has no file for it."""
+        from nats_bench.api_utils import ArchResults
+
+        for name in (f"{index:06d}.{NATS_EXT}", f"{index}.{NATS_EXT}"):
+            if (self.archive / name).is_file():
+                data = _plain_pickle(self.archive / name, f"benchmark.path={self.archive} ({name})")
+                if not isinstance(data, dict):
+                    raise BenchmarkError(f"benchmark.path={self.archive}: {name} is not a NATS-Bench cell file")
+                self.api.arch2infos_dict[index] = collections.OrderedDict(
+                    (hp, ArchResults.create_from_state_dict(r)) for hp, r in data.items()
+                )
+                self.api.evaluated_indexes.add(index)
+                return True
+        return False
+
     @property
     def columns(self) -> list[str]:
         return list(OFFICIAL) if self.rows is None else list(next(iter(self.rows.values()), {}))
@@ -106,6 +186,9 @@ class BenchmarkTable:
         index = self.api.query_index_by_arch(arch)
         if index < 0:
             return None
+        if self.archive is not None and index not in self.api.arch2infos_dict:
+            if not self._load_nats_cell(index):
+                return None
         out = {}
         for name, (dataset, key) in OFFICIAL.items():
             try:

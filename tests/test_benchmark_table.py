@@ -162,25 +162,25 @@ def official_value(index: int, dataset: str, setname: str, hp: str) -> float:
     return base if hp == "200" else base - 40
 
 
-def write_official(path: Path, archs: list[str], skip_imagenet: int) -> None:
-    """A file in NAS-Bench-201's format, made with the package's own classes: {meta_archs,
-    arch2infos: {index: {'less': ArchResults state, 'full': ...}}, evaluated_indexes}. Two seeds
-    per dataset at +-1 around ``official_value`` on the last of two epochs (epoch 0 is a decoy)."""
-    import torch
-    from nas_201_api.api_utils import ArchResults, ResultsCount
-
+def official_infos(archs: list[str], skip_imagenet: int, package: str = "nas_201_api") -> dict:
+    """``arch2infos`` in NAS-Bench-201's / NATS-Bench's format, made with the package's own
+    classes: ``{index: {hp key: ArchResults state}}`` (NB201's keys 'less'/'full', NATS' '12'/'200').
+    Two seeds per dataset at +-1 around ``official_value`` on the last of two epochs (epoch 0 is a
+    decoy)."""
+    api_utils = __import__(f"{package}.api_utils", fromlist=["ArchResults"])
+    keys = (("12", "less"), ("200", "full")) if package == "nas_201_api" else (("12", "12"), ("200", "200"))
     arch2infos = {}
     for index, arch in enumerate(archs):
         per_hp = {}
-        for hp, key in (("12", "less"), ("200", "full")):
-            results = ArchResults(index, arch)
+        for hp, key in keys:
+            results = api_utils.ArchResults(index, arch)
             for dataset, sets in OFFICIAL_SETS.items():
                 if dataset == "ImageNet16-120" and index == skip_imagenet:
                     continue  # a cell not trained on ImageNet16-120
                 for seed, offset in ((777, 1.0), (888, -1.0)):
                     config = {"channel": 16, "num_cells": 5, "arch_str": arch, "class_num": 10}
-                    trial = ResultsCount(dataset, None, {0: 10.0, 1: 20.0}, {0: 2.0, 1: 1.0}, 0.1, 10.0,
-                                         config, seed, 2, None)  # fmt: skip
+                    trial = api_utils.ResultsCount(dataset, None, {0: 10.0, 1: 20.0}, {0: 2.0, 1: 1.0}, 0.1, 10.0,
+                                                   config, seed, 2, None)  # fmt: skip
                     accs, losses, times = {}, {}, {}
                     for s in sets:
                         accs[f"{s}@0"], accs[f"{s}@1"] = 1.0, official_value(index, dataset, s, hp) + offset
@@ -190,30 +190,105 @@ def write_official(path: Path, archs: list[str], skip_imagenet: int) -> None:
                     results.update(dataset, seed, trial)
             per_hp[key] = results.state_dict()
         arch2infos[index] = per_hp
-    torch.save({"meta_archs": archs, "arch2infos": arch2infos, "evaluated_indexes": list(range(len(archs)))}, path)
+    return arch2infos
+
+
+def write_official(path: Path, archs: list[str], skip_imagenet: int) -> None:
+    """NAS-Bench-201's .pth: {meta_archs, arch2infos, evaluated_indexes}, saved by torch."""
+    import torch
+
+    infos = official_infos(archs, skip_imagenet)
+    torch.save({"meta_archs": archs, "arch2infos": infos, "evaluated_indexes": list(range(len(archs)))}, path)
+
+
+def write_bz2_pickle(path: Path, data) -> None:
+    """What NATS-Bench's pickle_save writes: a bz2-compressed pickle."""
+    import bz2
+    import pickle
+
+    with bz2.open(path, "wb") as f:
+        pickle.dump(data, f)
+
+
+ARCHS = [
+    "|nor_conv_3x3~0|+|none~0|nor_conv_3x3~1|+|skip_connect~0|none~1|skip_connect~2|",
+    "|avg_pool_3x3~0|+|nor_conv_1x1~0|skip_connect~1|+|nor_conv_1x1~0|skip_connect~1|skip_connect~2|",
+    "|none~0|+|none~0|none~1|+|none~0|none~1|none~2|",
+]  # fmt: skip
+OURS = {  # OFFICIAL's names -> (dataset, eval set) as NAS-Bench-201 defines them
+    "cifar10_valid": ("cifar10-valid", "x-valid"), "cifar10_test": ("cifar10", "ori-test"),
+    "cifar100_valid": ("cifar100", "x-valid"), "cifar100_test": ("cifar100", "x-test"),
+    "imagenet16_valid": ("ImageNet16-120", "x-valid"), "imagenet16_test": ("ImageNet16-120", "x-test"),
+}  # fmt: skip
+
+
+def check_official_lookups(table, missing_cells=()):
+    assert table.rows is None and table.api is not None  # the official API answers the lookups
+    for index, arch in enumerate(ARCHS):
+        found = table.lookup(NB201Genotype.from_edge_ops(arch_ops(arch)))
+        if index in missing_cells:
+            assert found is None
+            continue
+        expected = {name: official_value(index, d, s, "200") for name, (d, s) in OURS.items()
+                    if not (index == 2 and d == "ImageNet16-120")}  # fmt: skip
+        assert found == pytest.approx(expected)  # 200 epochs, the two seeds' mean, last epoch
+    assert table.lookup("|skip_connect~0|+|none~0|none~1|+|none~0|none~1|none~2|") is None
 
 
 def test_official_file_through_the_real_api(tmp_path):
     pytest.importorskip("nas_201_api")
-    archs = [
-        "|nor_conv_3x3~0|+|none~0|nor_conv_3x3~1|+|skip_connect~0|none~1|skip_connect~2|",
-        "|avg_pool_3x3~0|+|nor_conv_1x1~0|skip_connect~1|+|nor_conv_1x1~0|skip_connect~1|skip_connect~2|",
-        "|none~0|+|none~0|none~1|+|none~0|none~1|none~2|",
-    ]  # fmt: skip
-    write_official(tmp_path / "NAS-Bench-201-tiny.pth", archs, skip_imagenet=2)
-    table = BenchmarkTable.load(tmp_path / "NAS-Bench-201-tiny.pth")
-    assert table.rows is None and table.api is not None  # the official API answers the lookups
-    ours = {  # OFFICIAL's names -> (dataset, eval set) as NAS-Bench-201 defines them
-        "cifar10_valid": ("cifar10-valid", "x-valid"), "cifar10_test": ("cifar10", "ori-test"),
-        "cifar100_valid": ("cifar100", "x-valid"), "cifar100_test": ("cifar100", "x-test"),
-        "imagenet16_valid": ("ImageNet16-120", "x-valid"), "imagenet16_test": ("ImageNet16-120", "x-test"),
-    }  # fmt: skip
-    for index, arch in enumerate(archs):
-        found = table.lookup(NB201Genotype.from_edge_ops(arch_ops(arch)))
-        expected = {name: official_value(index, d, s, "200") for name, (d, s) in ours.items()
-                    if not (index == 2 and d == "ImageNet16-120")}  # fmt: skip
-        assert found == pytest.approx(expected)  # 200 epochs, the two seeds' mean, last epoch
-    assert table.lookup("|skip_connect~0|+|none~0|none~1|+|none~0|none~1|none~2|") is None
+    write_official(tmp_path / "NAS-Bench-201-tiny.pth", ARCHS, skip_imagenet=2)
+    check_official_lookups(BenchmarkTable.load(tmp_path / "NAS-Bench-201-tiny.pth"))
+
+
+def test_nats_bench_file_and_directory_through_the_real_api(tmp_path):
+    """NATS-Bench's topology benchmark in both of its layouts: one .pickle.pbz2 file (the API's
+    fast_mode=False) and the -simple directory, meta.pickle.pbz2 + one file per cell (fast_mode);
+    a cell whose file the directory lacks is not in the table."""
+    pytest.importorskip("nats_bench")
+    infos = official_infos(ARCHS, skip_imagenet=2, package="nats_bench")
+    whole = tmp_path / "NATS-tss-v1_0-tiny.pickle.pbz2"
+    write_bz2_pickle(whole, {"meta_archs": ARCHS, "arch2infos": infos, "evaluated_indexes": [0, 1, 2]})
+    check_official_lookups(BenchmarkTable.load(whole))
+
+    simple = tmp_path / "NATS-tss-v1_0-tiny-simple"
+    simple.mkdir()
+    write_bz2_pickle(simple / "meta.pickle.pbz2", {"meta_archs": ARCHS})
+    for index in (0, 2):  # cell 1's file is missing
+        write_bz2_pickle(simple / f"{index:06d}.pickle.pbz2", infos[index])
+    table = BenchmarkTable.load(simple)
+    assert table.api.arch2infos_dict == {}  # nothing read before a lookup asks for it
+    check_official_lookups(table, missing_cells={1})
+    assert sorted(table.api.arch2infos_dict) == [0, 2]
+
+
+def test_nats_bench_file_is_unpickled_safely_and_checked(tmp_path, caplog):
+    pytest.importorskip("nats_bench")
+    marker = tmp_path / "code-ran"
+    write_bz2_pickle(tmp_path / "evil.pickle.pbz2", {"meta_archs": [], "arch2infos": _RunsCode(marker)})
+    with pytest.raises(BenchmarkError, match=r"evil.pickle.pbz2 is not a NATS-Bench file we can read safely "
+                                             r"\(plain data only\): it names pathlib"):  # fmt: skip
+        BenchmarkTable.load(tmp_path / "evil.pickle.pbz2")
+    assert not marker.exists()
+    write_bz2_pickle(tmp_path / "other.pickle.pbz2", {"weights": [1.0]})
+    with pytest.raises(BenchmarkError, match="it needs the keys meta_archs, arch2infos, evaluated_indexes; it has weights"):
+        BenchmarkTable.load(tmp_path / "other.pickle.pbz2")
+    simple = tmp_path / "bad-simple"
+    simple.mkdir()
+    write_bz2_pickle(simple / "meta.pickle.pbz2", {"meta_archs": ARCHS})
+    write_bz2_pickle(simple / "000000.pickle.pbz2", {"200": _RunsCode(marker)})
+    table = BenchmarkTable.load(simple)  # the cells' files are read at lookup, one by one
+    cell = NB201Genotype.from_edge_ops(arch_ops(ARCHS[0]))
+    with pytest.raises(BenchmarkError, match=r"bad-simple \(000000.pickle.pbz2\) is not a NATS-Bench file we can read safely"):
+        table.lookup(cell)
+    assert not marker.exists()
+    # during a search the per-epoch lookup warns in one line and the search goes on
+    from oneshot.lightning_modules.benchmark import accuracies
+
+    with caplog.at_level(logging.WARNING, logger="oneshot"):
+        assert accuracies(table, cell) is None
+    (line,) = [r.getMessage() for r in caplog.records if "read safely" in r.getMessage()]
+    assert line.startswith("benchmark: benchmark.path=") and "\n" not in line
 
 
 class _RunsCode:
