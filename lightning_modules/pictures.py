@@ -10,7 +10,7 @@ with a table of the genotype after every epoch (``arch/genotypes``).
 
 ``finish_pictures``: at the end of a stage, everything ``oneshot-plot`` draws (curves, alpha
 evolution, TE-NAS rounds) and, with W&B, those pictures, the TE-NAS table and the genotype
-files and the retrained network as artifacts. Rank 0 only; every file is written atomically.
+files and the retrained network (with its ONNX / TorchScript exports) as artifacts. Rank 0 only; every file is written atomically.
 """
 
 from __future__ import annotations
@@ -128,10 +128,18 @@ def finish_pictures(
             if network.is_file() and stage != "search":
                 retrain = (report or {}).get("retrain") or {}
                 meta = {k: retrain.get(k) for k in ("test_acc", "parameters", "network")}
+                exported = retrain.get("export") or {}
+                # issue 17: the deployable files ride along, with their parity and latency
+                meta["export"] = {fmt: {k: exported[fmt].get(k) for k in ("file", "runtime", "parity_max_abs_diff")}
+                                  | {"latency_ms": (exported[fmt].get("latency") or {}).get("median_ms")}
+                                  for fmt in ("onnx", "torchscript") if isinstance(exported.get(fmt), dict)}  # fmt: skip
                 art = wandb.Artifact(
                     f"network-{run.id}",
                     type="model",
                     metadata={**meta, "genotype": (report or {}).get("genotype")},
                 )
                 art.add_file(str(network))
+                for f in ("model.onnx", "model.pt"):
+                    if (network.parent / f).is_file():
+                        art.add_file(str(network.parent / f))
                 run.log_artifact(art)

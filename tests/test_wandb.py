@@ -132,7 +132,15 @@ def test_offline_run_holds_pictures_genotype_table_and_artifacts(tmp_path):
     }
     entries = {t: {e.path: e for e in a.manifest.contents} for t, a in arts.items()}
     assert set(entries["genotype"]) == {"genotype.txt", "genotype.json"}
-    assert set(entries["model"]) == {"network.pt"}
+    # the retrained network with its deployable exports (retrain.export's default: both formats)
+    assert set(entries["model"]) == {"network.pt", "model.onnx", "model.pt"} - (
+        set() if (tmp_path / "retrain" / "model.onnx").is_file() else {"model.onnx"}
+    )
+    assert (tmp_path / "retrain" / "model.pt").is_file()
+    exported = json.loads((tmp_path / "retrain" / "report.json").read_text())["export"]
+    metadata = json.loads(arts["model"].metadata)
+    assert metadata["export"]["torchscript"]["parity_max_abs_diff"] == exported["torchscript"]["parity_max_abs_diff"]
+    assert metadata["export"]["torchscript"]["latency_ms"] == exported["torchscript"]["latency"]["median_ms"]
     for t, source in (("genotype", tmp_path), ("model", tmp_path / "retrain")):
         for name, entry in entries[t].items():
             assert entry.digest == md5_b64(source / name)
