@@ -197,13 +197,11 @@ class EnasSearch(SearchModule):
         pulls the cost to the budget from both sides, so it acts under any budget."""
         if self.budget is None:
             return reward
-        from oneshot.cost.model import fits
-
         cost = self.budget.cost.of_genotype(genotype)
         self._sample_cost = cost
         if self.budget_reward == "tunas":
             return reward + self.tunas_beta * abs(cost / self.budget.max - 1.0)
-        return reward if fits(cost, self.budget.max) else torch.zeros_like(reward)
+        return reward if self.budget.fits(genotype) else torch.zeros_like(reward)
 
     def training_step(self, batch, batch_idx):
         w_opt, c_opt = self.optimizers()
@@ -342,9 +340,7 @@ class EnasSearch(SearchModule):
             samples = [self.controller.sample(generator) for _ in range(self.derive_samples)]
         candidates = {str(s.genotype): s for s in samples}  # each distinct genotype once
         if self.budget is not None:  # issue 17: only samples within budget (none: the pipeline re-derives)
-            from oneshot.cost.model import fits
-
-            fitting = {g: s for g, s in candidates.items() if fits(self.budget.cost.of_genotype(s.genotype), self.budget.max)}
+            fitting = {g: s for g, s in candidates.items() if self.budget.fits(s.genotype)}
             self.derived["over_budget"] = len(candidates) - len(fitting)
             candidates = fitting or candidates
         scores = {g: self.score(s.weights, batches) for g, s in candidates.items()}

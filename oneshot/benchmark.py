@@ -58,20 +58,31 @@ class _PlainUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"it names {module}.{name}, which plain data does not")
 
 
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def _check_keys(data, keys: tuple[str, ...], path: Path, what: str) -> None:
+    if not isinstance(data, dict) or any(k not in data for k in keys):
+        found = ", ".join(map(str, data)) if isinstance(data, dict) else type(data).__name__
+        raise BenchmarkError(f"benchmark.path={path} is not a {what} file: it needs the keys "
+                             f"{', '.join(keys)}; it has {found or 'none':.200}")  # fmt: skip
+
+
 def _plain_pickle(path: Path, where: str):
     try:
         with bz2.open(path, "rb") as f:
             return _PlainUnpickler(f).load()
     except Exception as e:  # noqa: BLE001 - any unreadable or unsafe file is one line
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise BenchmarkError(f"{where} is not a NATS-Bench file we can read safely (plain data only): "
-                             f"{reason:.200}") from None  # fmt: skip
+                             f"{_first_line(e):.200}") from None  # fmt: skip
 
 
 class BenchmarkTable:
-    def __init__(self, rows: dict[str, dict[str, float]] | None, path: Path, api=None):
+    def __init__(self, rows: dict[str, dict[str, float]] | None, path: Path, api=None,
+                 archive: Path | None = None):  # fmt: skip
         self.rows, self.path, self.api = rows, Path(path), api
-        self.archive: Path | None = None  # a NATS-Bench -simple directory, read cell by cell
+        self.archive = archive  # a NATS-Bench -simple directory, read cell by cell
 
     @classmethod
     def load(cls, path, columns: list[str] | None = None) -> BenchmarkTable:
@@ -125,14 +136,9 @@ class BenchmarkTable:
         try:
             data = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - any unreadable or unsafe file is one line
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise BenchmarkError(f"benchmark.path={path} is not a NAS-Bench-201 file we can read safely "
-                                 f"(plain data only): {reason:.200}") from None  # fmt: skip
-        keys = ("meta_archs", "arch2infos", "evaluated_indexes")
-        if not isinstance(data, dict) or any(k not in data for k in keys):
-            found = ", ".join(map(str, data)) if isinstance(data, dict) else type(data).__name__
-            raise BenchmarkError(f"benchmark.path={path} is not a NAS-Bench-201 file: it needs the keys "
-                                 f"{', '.join(keys)}; it has {found or 'none':.200}")  # fmt: skip
+                                 f"(plain data only): {_first_line(e):.200}") from None  # fmt: skip
+        _check_keys(data, ("meta_archs", "arch2infos", "evaluated_indexes"), path, "NAS-Bench-201")
         return cls(None, path, NASBench201API(data, verbose=False))
 
     @classmethod
@@ -147,16 +153,11 @@ class BenchmarkTable:
                                  "(nats_bench) to read it, or give a CSV") from None  # fmt: skip
         data = _plain_pickle(path / NATS_META if path.is_dir() else path, f"benchmark.path={path}")
         keys = ("meta_archs",) if path.is_dir() else ("meta_archs", "arch2infos", "evaluated_indexes")
-        if not isinstance(data, dict) or any(k not in data for k in keys):
-            found = ", ".join(map(str, data)) if isinstance(data, dict) else type(data).__name__
-            raise BenchmarkError(f"benchmark.path={path} is not a NATS-Bench topology file: it needs the keys "
-                                 f"{', '.join(keys)}; it has {found or 'none':.200}")  # fmt: skip
+        _check_keys(data, keys, path, "NATS-Bench topology")
         if path.is_dir():  # the cells' files are read one by one in lookup()
             data = {"meta_archs": data["meta_archs"], "arch2infos": {}, "evaluated_indexes": []}
         api = nats_bench.create(data, "tss", fast_mode=False, verbose=False)
-        table = cls(None, path, api)
-        table.archive = path if path.is_dir() else None
-        return table
+        return cls(None, path, api, archive=path if path.is_dir() else None)
 
     def _load_nats_cell(self, index: int) -> bool:
         """A ``-simple`` directory's file for cell ``index`` into the API (what its ``reload`` does,

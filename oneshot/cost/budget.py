@@ -96,11 +96,15 @@ class BudgetPenalty:
     def load_state_dict(self, state: dict) -> None:
         self.multiplier = float(state["multiplier"])
 
+    def fits(self, genotype) -> bool:
+        """Whether the architecture's cost (the additive model) is within ``budget.max``."""
+        return fits(self.cost.of_genotype(genotype), self.max)
+
     def acceptable(self, genotype) -> bool:
         """Within budget, and (NB201) a cell that connects its input to its output: the hinge
         pulls the alphas towards ``none``, the op that costs nothing, and a cell of ``none`` paths
         makes the whole network a constant."""
-        if not fits(self.cost.of_genotype(genotype), self.max):
+        if not self.fits(genotype):
             return False
         return self.cost.space != "nb201" or nb201_connected(genotype.edge_ops)
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from oneshot.cost.model import RTOL, CostModel, fits
+from oneshot.cost.model import RTOL, CostModel
 
 
 class BudgetError(ValueError):
@@ -182,13 +182,12 @@ def derive_within_budget(supernet_or_logits, cost: CostModel, budget: float, edg
     without one makes the whole network a constant: a budget never buys that)."""
     lp = _log_probs(supernet_or_logits, cost, edge_logits)
     groups = decision_groups(cost)
-    cheapest = cheapest_cost(cost)
-    if not fits(cheapest, budget):
-        raise BudgetError(f"budget.max={budget:g} {cost.unit} is below the cheapest architecture, "
-                          f"{cheapest:.6g} {cost.unit}")  # fmt: skip
     scores = [np.array([sum(lp[t][e, k] for t, e, k in pick) for pick in g.picks]) for g in groups]
     slack = budget + RTOL * max(1.0, abs(budget)) - cost.fixed
     picks = _best(groups, scores, slack, _Reach(cost, groups))
+    if picks is None:  # nothing fits: say what the least is
+        raise BudgetError(f"budget.max={budget:g} {cost.unit} is below the cheapest architecture, "
+                          f"{cheapest_cost(cost):.6g} {cost.unit}")  # fmt: skip
     return _genotype(cost, picks, lp)
 
 
